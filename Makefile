@@ -1,0 +1,39 @@
+# Verbs for a newcomer: `make test`, `make bench`, `make lint`.
+# Each sets up what it needs in .venv first (torch from the local CPU build,
+# the extension built in place with ninja), so a fresh clone needs nothing else.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TEST_DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-timeout hypothesis rich ruff triton==3.6.0
+# sp_adapters is the reference library the modules interoperate with; it and
+# torch-pruning (which it imports) need only torch and numpy, so skip their deps.
+NO_DEPS := structured-pruning-adapters==0.7.1 torch-pruning==1.6.1
+
+.PHONY: install build test bench lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet $(TEST_DEPS)
+	$(PIP) install --quiet --no-deps $(NO_DEPS)
+	touch $(STAMP)
+
+install: $(STAMP) build
+
+build: $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: install
+	$(PY) -m bench
+
+lint: $(STAMP)
+	$(PY) -m ruff check spa_kernels tests bench
+
+clean:
+	rm -rf build spa_kernels/*.so $(VENV)

@@ -1,0 +1,120 @@
+"""Backend policy: which implementation runs an op.
+
+A backend is a module-like object with ``is_available(device_type, dtype)`` and
+the kernel entry points of each op (``splora_linear_forward``,
+``splora_linear_backward``).  Backends register themselves here on import; the
+functional layer asks :func:`resolve` for one before calling an op.
+
+Selection order for ``backend=None``/``"auto"``: the ``use_backend`` context,
+then ``SPA_KERNELS_BACKEND``, then the fastest available backend for the device
+(``AUTO_PREFERENCE``).  An explicitly named backend that cannot run raises; auto
+falls back silently and says why in the debug log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from typing import Iterator, Protocol
+
+import torch
+
+logger = logging.getLogger("spa_kernels")
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+ENV_VARIABLE = "SPA_KERNELS_BACKEND"
+
+# Fastest first.  The Triton interpreter is far too slow to be chosen by auto on
+# the CPU, so "triton" is listed for CUDA devices only.
+AUTO_PREFERENCE = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+class Backend(Protocol):
+    name: str
+
+    def is_available(self, device_type: str, dtype: torch.dtype) -> bool: ...
+
+
+_REGISTRY: dict[str, Backend] = {}
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "spa_kernels_forced_backend", default=None
+)
+
+
+def register_backend(backend: Backend) -> None:
+    """Make ``backend`` selectable under ``backend.name``."""
+    if backend.name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend name {backend.name!r}")
+    _REGISTRY[backend.name] = backend
+
+
+def _check_name(name: str, argument: str = "backend") -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{argument} must be a str or None, got {type(name).__name__}")
+    if name not in BACKEND_NAMES and name != "auto":
+        raise ValueError(
+            f"{argument} must be one of {('auto',) + BACKEND_NAMES}, got {name!r}"
+        )
+    return name
+
+
+def backends(device: str | torch.device = "cpu") -> list[str]:
+    """Names of the backends that can run on ``device`` (a device or its type)."""
+    device_type = torch.device(device).type
+    return [
+        name
+        for name in BACKEND_NAMES
+        if name in _REGISTRY and _REGISTRY[name].is_available(device_type, None)
+    ]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every op in the ``with`` block on backend ``name`` (or ``"auto"``)."""
+    token = _FORCED.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def _requested(backend: str | None) -> str:
+    if backend is not None and backend != "auto":
+        return _check_name(backend)
+    forced = _FORCED.get()
+    if forced is not None:
+        return forced
+    from_env = os.environ.get(ENV_VARIABLE)
+    if from_env:
+        return _check_name(from_env.strip().lower(), ENV_VARIABLE)
+    return _check_name(backend or "auto")
+
+
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that runs an op on tensors of ``device`` and ``dtype``."""
+    name = _requested(backend)
+    if name != "auto":
+        impl = _REGISTRY.get(name)
+        if impl is None or not impl.is_available(device.type, dtype):
+            raise ValueError(
+                f"backend={name!r} cannot run on {device.type} tensors of {dtype}; "
+                f"usable here: {backends(device)}"
+                + (" (the compiled extension is not built)" if name == "cpu" and impl is None else "")
+            )
+        return impl
+    for candidate in AUTO_PREFERENCE.get(device.type, ("reference",)):
+        impl = _REGISTRY.get(candidate)
+        if impl is not None and impl.is_available(device.type, dtype):
+            return impl
+        logger.debug("auto backend: %s unavailable for %s/%s", candidate, device.type, dtype)
+    return _REGISTRY["reference"]
+
+
+def get(name: str) -> Backend:
+    """The registered backend called ``name`` (used by the op layer)."""
+    return _REGISTRY[name]

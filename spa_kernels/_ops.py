@@ -1,0 +1,146 @@
+"""Every op of spa_kernels: schema, fake kernel and autograd, in one place.
+
+The ops take an already-resolved backend name; the functional layer validates
+the arguments and picks the backend.  Each op flattens leading dimensions and
+hands 2-D contiguous tensors to the backend, so backends never see strides.
+
+``splora_linear_backward`` returns five tensors (x, weight, lora_a, lora_b,
+bias gradients); a gradient that was not asked for comes back as an empty
+placeholder, because custom-op schemas cannot return ``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend
+
+_LIB = "spa_kernels"
+
+
+def _empty_like_missing(t: Tensor | None, ref: Tensor) -> Tensor:
+    return t if t is not None else ref.new_empty(0)
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@torch.library.custom_op(f"{_LIB}::splora_linear", mutates_args=())
+def splora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    bias: Optional[Tensor],
+    in_idx: Optional[Tensor],
+    out_idx: Optional[Tensor],
+    scale: float,
+    backend: str,
+) -> Tensor:
+    out_features, in_features = weight.shape
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features).contiguous()
+    if x2d.shape[0] == 0:
+        return x.new_zeros(*lead, out_features)
+    y = _backend.get(backend).splora_linear_forward(
+        x2d, weight.contiguous(), _contiguous(lora_a), _contiguous(lora_b),
+        _contiguous(bias), in_idx, out_idx, scale,
+    )
+    return y.reshape(*lead, out_features)
+
+
+@splora_linear.register_fake
+def _(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, backend):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@torch.library.custom_op(f"{_LIB}::splora_linear_backward", mutates_args=())
+def splora_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    in_idx: Optional[Tensor],
+    out_idx: Optional[Tensor],
+    scale: float,
+    backend: str,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out_features, in_features = weight.shape
+    x2d = x.reshape(-1, in_features).contiguous()
+    grad2d = grad_out.reshape(-1, out_features).contiguous()
+    mask = tuple(bool(m) for m in output_mask)
+    if lora_a is None:
+        mask = (mask[0], mask[1], False, False, mask[4])
+    if x2d.shape[0] == 0:
+        grads = (
+            x2d.new_zeros(x2d.shape) if mask[0] else None,
+            torch.zeros_like(weight) if mask[1] else None,
+            torch.zeros_like(lora_a) if mask[2] else None,
+            torch.zeros_like(lora_b) if mask[3] else None,
+            weight.new_zeros(out_features) if mask[4] else None,
+        )
+    else:
+        grads = _backend.get(backend).splora_linear_backward(
+            grad2d, x2d, weight.contiguous(), _contiguous(lora_a), _contiguous(lora_b),
+            in_idx, out_idx, scale, mask,
+        )
+    grad_x = grads[0].reshape(x.shape) if grads[0] is not None else None
+    return (
+        _empty_like_missing(grad_x, x),
+        _empty_like_missing(grads[1], x),
+        _empty_like_missing(grads[2], x),
+        _empty_like_missing(grads[3], x),
+        _empty_like_missing(grads[4], x),
+    )
+
+
+@splora_linear_backward.register_fake
+def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, backend, output_mask):
+    has_lora = lora_a is not None
+    shapes = (
+        x.shape,
+        weight.shape,
+        lora_a.shape if has_lora else None,
+        lora_b.shape if has_lora else None,
+        weight.shape[:1],
+    )
+    return tuple(
+        x.new_empty(shape) if want and shape is not None else x.new_empty(0)
+        for want, shape in zip(output_mask, shapes)
+    )
+
+
+def _setup_linear_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, backend = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, in_idx, out_idx)
+    ctx.scale = scale
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad_out):
+    x, weight, lora_a, lora_b, in_idx, out_idx = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    output_mask = [need[0], need[1], need[2], need[3], need[4] and ctx.has_bias]
+    grads = splora_linear_backward(
+        grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, ctx.scale, ctx.backend, output_mask
+    )
+    grads = [g if want else None for g, want in zip(grads, output_mask)]
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd(
+    f"{_LIB}::splora_linear", _linear_backward, setup_context=_setup_linear_context
+)

@@ -1,0 +1,62 @@
+"""The ``cpu`` backend: fused C++ kernels from ``csrc/cpu`` (OpenMP, AVX-512/AVX2).
+
+Available only when the compiled extension ``spa_kernels._C`` imports; the
+package works without it (auto selection then falls back to the reference).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger("spa_kernels")
+
+name = "cpu"
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+try:
+    from .. import _C  # noqa: F401  (registers torch.ops.spa_kernels_cpu)
+
+    BUILT = True
+    BUILD_ERROR: str | None = None
+except ImportError as error:  # the package must import without its build
+    _C = None
+    BUILT = False
+    BUILD_ERROR = str(error)
+    logger.debug("spa_kernels._C is not available, cpu backend disabled: %s", error)
+
+
+def is_available(device_type: str, dtype: torch.dtype | None) -> bool:
+    return BUILT and device_type == "cpu" and (dtype is None or dtype in SUPPORTED_DTYPES)
+
+
+def isa() -> str:
+    """Instruction set the kernels dispatch to: ``"avx512"``, ``"avx2"`` or ``"generic"``."""
+    return _C.cpu_isa() if BUILT else "unavailable"
+
+
+def set_isa(isa_name: str) -> None:
+    """Force an instruction set (for tests); only ones this CPU supports are accepted."""
+    if not BUILT:
+        raise RuntimeError(f"the cpu backend is not built: {BUILD_ERROR}")
+    _C.set_cpu_isa(isa_name)
+
+
+def supported_isas() -> list[str]:
+    return list(_C.supported_cpu_isas()) if BUILT else []
+
+
+def splora_linear_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale) -> Tensor:
+    return torch.ops.spa_kernels_cpu.splora_linear_forward(
+        x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale
+    )
+
+
+def splora_linear_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, output_mask):
+    return tuple(
+        torch.ops.spa_kernels_cpu.splora_linear_backward(
+            grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, list(output_mask)
+        )
+    )

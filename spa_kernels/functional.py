@@ -1,0 +1,78 @@
+"""Functional entry points: validate, choose a backend, call the op."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend, _ops
+from ._validation import check_splora_linear_args
+
+
+def splora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor | None = None,
+    lora_b: Tensor | None = None,
+    bias: Tensor | None = None,
+    in_idx: Tensor | None = None,
+    out_idx: Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    backend: str | None = None,
+) -> Tensor:
+    r"""Masked SPLoRA linear layer, computed over the active channels only.
+
+    .. math::
+        y_{\dots,o} = b_o + \sum_{i \in S} x_{\dots,i}\,(W_{o,i} + s\,(BA)_{o,i})
+        \quad (o \in O), \qquad y_{\dots,o} = 0 \quad (o \notin O)
+
+    Args:
+        x: ``(..., in)``.
+        weight: ``(out, in)`` frozen base weight ``W``.
+        lora_a: ``(r, in)`` adapter ``A``; ``None`` with ``lora_b`` for the plain
+            masked layer.
+        lora_b: ``(out, r)`` adapter ``B``.
+        bias: ``(out,)`` or ``None``.
+        in_idx: active input channels ``S``, strictly increasing int32/int64;
+            ``None`` means all.
+        out_idx: active output channels ``O``, likewise.
+        scale: adapter scale ``s``.
+        backend: ``None``/``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``
+            or ``"cuda"``.
+
+    Returns:
+        ``(..., out)``, exactly zero at inactive outputs.
+    """
+    in_idx, out_idx, scale = check_splora_linear_args(
+        x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale
+    )
+    impl = _backend.resolve(backend, x.device, x.dtype)
+    return _ops.splora_linear(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, impl.name)
+
+
+def _splora_linear_trusted(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    bias: Tensor | None,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
+    scale: float,
+    backend: str | None,
+) -> Tensor:
+    """``splora_linear`` for modules, whose index lists are valid by construction.
+
+    Skips the index checks that read values (a host sync on GPUs); shapes are
+    still the caller's responsibility to keep consistent.
+    """
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects {weight.shape[1]}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}")
+    impl = _backend.resolve(backend, x.device, x.dtype)
+    return _ops.splora_linear(x, weight, lora_a, lora_b, bias, in_idx, out_idx, float(scale), impl.name)
+
+
+__all__ = ["splora_linear"]

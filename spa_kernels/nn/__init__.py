@@ -1,0 +1,1 @@
+"""Drop-in SPA modules (being written)."""

@@ -1,0 +1,14 @@
+"""Plain PyTorch backend: readable, runs on any device, and the test oracle."""
+
+import torch
+
+from .linear import splora_linear_backward, splora_linear_forward
+
+name = "reference"
+
+
+def is_available(device_type: str, dtype: torch.dtype | None) -> bool:
+    return True
+
+
+__all__ = ["is_available", "name", "splora_linear_backward", "splora_linear_forward"]
