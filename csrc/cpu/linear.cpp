@@ -1,0 +1,299 @@
+// Masked SPLoRA linear on the CPU: forward and backward over active channels.
+//
+//   forward   y_O = [x_S | s t] [W_OS | B_O]^T + b_O,       t  = x_S A_S^T
+//   backward  dx_S = [dy_O | s u] [W_OS ; A_S],              u  = dy_O B_O
+//             dA_S = s u^T x_S,  dB_O = s dy_O^T t,  db_O = sum_m dy_O,
+//             dW_OS = dy_O^T x_S (only when the weight requires grad)
+//
+// The rank-r product is appended to the GEMM's depth, so the adapter costs
+// r extra columns of one GEMM instead of a second full-size product, and
+// nothing of size out x in is ever built.  Inactive outputs are written as
+// zeros by the same pass that writes the active ones (ScatterRows).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "isa.h"
+#include "masked_gemm.h"
+#include "scatter_rows.h"
+
+namespace spa_kernels::cpu {
+namespace {
+
+void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " has dtype ", t.scalar_type(),
+                   " but x has ", like.scalar_type());
+}
+
+// Validated view of the arguments shared by forward and backward.
+struct LinearShapes {
+  int64_t M, in, out, rank;
+  IndexList S, O;
+};
+
+LinearShapes check_linear(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                          const std::optional<at::Tensor>& in_idx, const std::optional<at::Tensor>& out_idx) {
+  check_matrix(x, "x", x);
+  check_matrix(weight, "weight", x);
+  LinearShapes s{x.size(0), x.size(1), weight.size(0), 0, {}, {}};
+  TORCH_CHECK_VALUE(weight.size(1) == s.in, "weight must have ", s.in, " columns, got ", weight.size(1));
+  const bool has_a = lora_a.has_value() && lora_a->defined();
+  const bool has_b = lora_b.has_value() && lora_b->defined();
+  TORCH_CHECK_VALUE(has_a == has_b, "lora_a and lora_b must be given together");
+  if (has_a) {
+    check_matrix(*lora_a, "lora_a", x);
+    check_matrix(*lora_b, "lora_b", x);
+    s.rank = lora_a->size(0);
+    TORCH_CHECK_VALUE(s.rank > 0 && lora_a->size(1) == s.in, "lora_a must be (r, in) with r >= 1");
+    TORCH_CHECK_VALUE(lora_b->size(0) == s.out && lora_b->size(1) == s.rank, "lora_b must be (out, r)");
+  }
+  s.S = index_list(in_idx, s.in, "in_idx");
+  s.O = index_list(out_idx, s.out, "out_idx");
+  return s;
+}
+
+template <typename S>
+Operand<S, acc_t<S>> rows_of(const S* data, int64_t ld, IndexList cols) {
+  // Logical (m, k) = data[m, cols[k]]: an activation matrix read at active columns.
+  Operand<S, acc_t<S>> op;
+  op.main = {data, ld, nullptr, cols.ptr, false};
+  op.main_depth = cols.count;
+  return op;
+}
+
+template <typename S>
+Operand<S, acc_t<S>> columns_of(const S* data, int64_t ld, IndexList cols, int64_t depth) {
+  // Logical (c, m) = data[m, cols[c]]: the transpose, for products summed over rows m.
+  Operand<S, acc_t<S>> op;
+  op.main = {data, ld, nullptr, cols.ptr, true};
+  op.main_depth = depth;
+  return op;
+}
+
+template <typename S>
+void rank_product(const Operand<S, acc_t<S>>& activations, const S* factor, int64_t ld, const int64_t* rows,
+                  const int64_t* cols, bool transposed, int64_t M, int64_t rank, acc_t<S> scale,
+                  acc_t<S>* out, int threads) {
+  // out (M x rank) = scale * activations . factor^T, with factor read through index lists.
+  using T = acc_t<S>;
+  Operand<S, S> f;
+  f.main = {factor, ld, rows, cols, transposed};
+  f.main_depth = activations.depth();
+  masked_gemm<T>(kernels_for<T>(), M, rank, activations, f, StoreDense<T>{out, rank, scale}, threads);
+}
+
+template <typename S>
+ScatterRows<S, acc_t<S>> scatter_into(S* out, int64_t ld, IndexList positions, const std::vector<uint8_t>& bits,
+                                      int64_t width, std::vector<acc_t<S>>& scratch, int threads) {
+  ScatterRows<S, acc_t<S>> w;
+  w.kernels = &kernels_for<acc_t<S>>();
+  w.out = out;
+  w.ld = ld;
+  w.positions = positions;
+  w.bits = bits.data();
+  w.width = width;
+  if constexpr (!std::is_same_v<S, acc_t<S>>) {
+    w.scratch_ld = width + kSlack;
+    scratch.assign(static_cast<size_t>(threads) * w.scratch_ld, acc_t<S>(0));
+    w.scratch = scratch.data();
+  }
+  return w;
+}
+
+at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_idx,
+                                 const std::optional<at::Tensor>& out_idx, double scale) {
+  const LinearShapes s = check_linear(x, weight, lora_a, lora_b, in_idx, out_idx);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.out && bias->is_contiguous(),
+                      "bias must be contiguous with shape (", s.out, ",)");
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have the dtype of x");
+  }
+  at::Tensor y = at::empty({s.M, s.out}, x.options());
+  if (s.M == 0) return y;
+  if (s.O.count == 0) return y.zero_();
+  const int threads = gemm_threads();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "splora_linear_forward", [&] {
+    using S = scalar_t;
+    using T = acc_t<S>;
+    Operand<S, T> a = rows_of(x.data_ptr<S>(), s.in, s.S);
+    AlignedBuffer<T> t(s.M * s.rank + kSlack);
+    Operand<S, S> b;
+    b.main = {weight.data_ptr<S>(), s.in, s.O.ptr, s.S.ptr, false};  // (o, k) = W[O[o], S[k]]
+    b.main_depth = s.S.count;
+    if (s.rank > 0) {
+      rank_product<S>(a, lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false, s.M, s.rank, T(scale), t.get(),
+                      threads);
+      a.ext = {t.get(), s.rank, nullptr, nullptr, false};
+      a.ext_depth = s.rank;
+      b.ext = {lora_b->data_ptr<S>(), s.rank, s.O.ptr, nullptr, false};  // (o, j) = B[O[o], j]
+      b.ext_depth = s.rank;
+    }
+    std::vector<T> bias_active;
+    if (has_bias) {
+      const S* bp = bias->data_ptr<S>();
+      bias_active.resize(s.O.count);
+      for (int64_t o = 0; o < s.O.count; ++o) bias_active[o] = static_cast<T>(bp[s.O.ptr ? s.O.ptr[o] : o]);
+    }
+    const std::vector<uint8_t> bits = active_bits(s.O, s.out);
+    std::vector<T> scratch;
+    auto writer = scatter_into(y.data_ptr<S>(), s.out, s.O, bits, s.out, scratch, threads);
+    writer.bias = has_bias ? bias_active.data() : nullptr;
+    masked_gemm<T>(kernels_for<T>(), s.M, s.O.count, a, b, writer, threads);
+  });
+  return y;
+}
+
+template <typename S>
+void column_sums(const S* dy, int64_t ld, int64_t M, IndexList O, S* out, int threads) {
+  // out[O[o]] = sum_m dy[m, O[o]]; threads own disjoint column chunks.
+  using T = acc_t<S>;
+  constexpr int64_t kChunk = 256;
+  const int64_t chunks = (O.count + kChunk - 1) / kChunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t o0 = ch * kChunk, n = std::min(kChunk, O.count - o0);
+    T acc[kChunk] = {};
+    for (int64_t m = 0; m < M; ++m) {
+      const S* row = dy + m * ld;
+      for (int64_t o = 0; o < n; ++o) acc[o] += static_cast<T>(row[O.ptr ? O.ptr[o0 + o] : o0 + o]);
+    }
+    for (int64_t o = 0; o < n; ++o) out[O.ptr ? O.ptr[o0 + o] : o0 + o] = static_cast<S>(acc[o]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_linear_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+    const std::optional<at::Tensor>& in_idx, const std::optional<at::Tensor>& out_idx, double scale,
+    std::array<bool, 5> output_mask) {
+  const LinearShapes s = check_linear(x, weight, lora_a, lora_b, in_idx, out_idx);
+  check_matrix(grad_out, "grad_out", x);
+  TORCH_CHECK_VALUE(grad_out.size(0) == s.M && grad_out.size(1) == s.out, "grad_out must be (", s.M, ", ",
+                    s.out, ")");
+  const auto [need_x, need_w, need_a_asked, need_b_asked, need_bias] = output_mask;
+  const bool need_a = need_a_asked && s.rank > 0, need_b = need_b_asked && s.rank > 0;
+  const int threads = gemm_threads();
+  at::Tensor grad_x, grad_w, grad_a, grad_b, grad_bias;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "splora_linear_backward", [&] {
+    using S = scalar_t;
+    using T = acc_t<S>;
+    const S* dy = grad_out.data_ptr<S>();
+    const S* xp = x.data_ptr<S>();
+    const S* wp = weight.data_ptr<S>();
+    const std::vector<uint8_t> in_bits = active_bits(s.S, s.in);
+    std::vector<T> scratch;
+    const Operand<S, T> dy_active = rows_of(dy, s.out, s.O);  // (m, o) = dy[m, O[o]]
+    const Operand<S, T> dy_columns = columns_of(dy, s.out, s.O, s.M);  // (o, m) = dy[m, O[o]]
+    const Operand<S, T> x_columns = columns_of(xp, s.in, s.S, s.M);  // (k, m) = x[m, S[k]]
+
+    // u = s dy_O B_O, shared by dx and dA.
+    AlignedBuffer<T> u(s.M * s.rank + kSlack);
+    if (s.rank > 0 && (need_x || need_a)) {
+      // (j, o) = B[O[o], j]
+      rank_product<S>(dy_active, lora_b->data_ptr<S>(), s.rank, s.O.ptr, nullptr, true, s.M, s.rank, T(scale),
+                      u.get(), threads);
+    }
+    if (need_x) {
+      grad_x = at::empty({s.M, s.in}, x.options());
+      if (s.S.count == 0) {
+        grad_x.zero_();
+      } else {
+        Operand<S, T> a = dy_active;
+        Operand<S, S> b;
+        b.main = {wp, s.in, s.O.ptr, s.S.ptr, true};  // (k, o) = W[O[o], S[k]]
+        b.main_depth = s.O.count;
+        if (s.rank > 0) {
+          a.ext = {u.get(), s.rank, nullptr, nullptr, false};
+          a.ext_depth = s.rank;
+          b.ext = {lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, true};  // (k, j) = A[j, S[k]]
+          b.ext_depth = s.rank;
+        }
+        auto writer = scatter_into(grad_x.data_ptr<S>(), s.in, s.S, in_bits, s.in, scratch, threads);
+        masked_gemm<T>(kernels_for<T>(), s.M, s.S.count, a, b, writer, threads);
+      }
+    }
+    if (need_a) {
+      grad_a = at::empty({s.rank, s.in}, x.options());
+      if (s.S.count == 0) {
+        grad_a.zero_();
+      } else {
+        Operand<T, T> a;
+        a.main = {u.get(), s.rank, nullptr, nullptr, true};  // (j, m) = u[m, j]
+        a.main_depth = s.M;
+        auto writer = scatter_into(grad_a.data_ptr<S>(), s.in, s.S, in_bits, s.in, scratch, threads);
+        masked_gemm<T>(kernels_for<T>(), s.rank, s.S.count, a, x_columns, writer, threads);
+      }
+    }
+    if (need_b) {
+      grad_b = at::zeros({s.out, s.rank}, x.options());
+      if (s.O.count > 0) {
+        AlignedBuffer<T> t(s.M * s.rank + kSlack);
+        rank_product<S>(rows_of(xp, s.in, s.S), lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false, s.M,
+                        s.rank, T(1), t.get(), threads);
+        Operand<T, T> b;
+        b.main = {t.get(), s.rank, nullptr, nullptr, true};  // (j, m) = t[m, j]
+        b.main_depth = s.M;
+        auto writer = scatter_into(grad_b.data_ptr<S>(), s.rank, IndexList{nullptr, s.rank}, in_bits, s.rank,
+                                   scratch, threads);
+        writer.row_idx = s.O.ptr;
+        writer.scale = T(scale);
+        masked_gemm<T>(kernels_for<T>(), s.O.count, s.rank, dy_columns, b, writer, threads);
+      }
+    }
+    if (need_bias) {
+      grad_bias = at::zeros({s.out}, x.options());
+      column_sums(dy, s.out, s.M, s.O, grad_bias.data_ptr<S>(), threads);
+    }
+    if (need_w) {
+      grad_w = at::empty({s.out, s.in}, x.options());
+      S* gw = grad_w.data_ptr<S>();
+      // Rows outside O are never touched by the GEMM: clear just those.
+      int64_t next = 0;
+      for (int64_t o = 0; o < s.out; ++o) {
+        const bool active = s.S.count > 0 && next < s.O.count && (s.O.ptr ? s.O.ptr[next] : next) == o;
+        if (active) {
+          ++next;
+        } else {
+          std::fill(gw + o * s.in, gw + (o + 1) * s.in, S(0));
+        }
+      }
+      if (s.S.count > 0 && s.O.count > 0) {
+        auto writer = scatter_into(gw, s.in, s.S, in_bits, s.in, scratch, threads);
+        writer.row_idx = s.O.ptr;
+        masked_gemm<T>(kernels_for<T>(), s.O.count, s.S.count, dy_columns, x_columns, writer, threads);
+      }
+    }
+  });
+  return {grad_x, grad_w, grad_a, grad_b, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(spa_kernels_cpu, m) {
+  m.def(
+      "splora_linear_forward(Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? bias, "
+      "Tensor? in_idx, Tensor? out_idx, float scale) -> Tensor");
+  m.def(
+      "splora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, "
+      "Tensor? in_idx, Tensor? out_idx, float scale, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(spa_kernels_cpu, CPU, m) {
+  m.impl("splora_linear_forward", &splora_linear_forward);
+  m.impl("splora_linear_backward", &splora_linear_backward);
+}
+
+}  // namespace spa_kernels::cpu

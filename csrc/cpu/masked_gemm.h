@@ -1,0 +1,197 @@
+// A blocked GEMM whose operands are gathered while they are packed.
+//
+// Every masked product in the library has the form
+//
+//     C[i, n] = sum_k A(i, k) * B(n, k)          i < M, n < N, k < K
+//
+// where A and B are *views*: rows and columns picked through index lists from
+// a full-size tensor, possibly transposed, followed by a few extra "ext"
+// columns (the rank-r adapter terms).  A blocked GEMM copies each operand
+// once into cache-friendly micro-panels anyway, so the gather costs nothing
+// extra: it happens in that copy.  Only active channels are ever read or
+// multiplied.  The result of each row goes to a `finalize` callback, which
+// scatters it into full-width storage (and writes the zeros between).
+//
+// Blocking follows the usual scheme: all of B is packed once into panels of
+// `nr` columns; each thread then walks its rows in blocks of kMC, packs an
+// (kMC x kKC) slice of A, and runs the register tile over it.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#include "tile_kernels.h"
+
+namespace spa_kernels::cpu {
+
+// Rows per A block: fits an L2-sized (kMC x kKC) slice; a multiple of every mr.
+constexpr int64_t kMC = 144;
+// Depth per block: keeps a (kKC x nr) B micro-panel in L1 while it is reused.
+constexpr int64_t kKC = 256;
+// Scratch slack so vector reads just past a row's last value stay in bounds.
+constexpr int64_t kSlack = 32;
+
+// A matrix read through optional index lists.  Logical element (i, j) is
+// storage element (row_idx[i], col_idx[j]) of `data`, or, when `transposed`,
+// storage element (row_idx[j], col_idx[i]).  A null index list is identity.
+template <typename S>
+struct GatherMatrix {
+  const S* data = nullptr;
+  int64_t ld = 0;
+  const int64_t* row_idx = nullptr;
+  const int64_t* col_idx = nullptr;
+  bool transposed = false;
+
+  int64_t row(int64_t r) const { return row_idx ? row_idx[r] : r; }
+  int64_t col(int64_t c) const { return col_idx ? col_idx[c] : c; }
+};
+
+// Copies logical rows [i0, i0+ni) x columns [j0, j0+nj) of `g` into
+// dst[j * lanes + i], zero-padding lanes ni..lanes-1.
+template <typename S, typename T>
+void pack_block(const GatherMatrix<S>& g, int64_t i0, int64_t ni, int64_t j0, int64_t nj, int lanes,
+                T* dst) {
+  if (!g.transposed) {
+    // Logical row = storage row: walk along it.
+    for (int64_t i = 0; i < ni; ++i) {
+      const S* src = g.data + g.row(i0 + i) * g.ld;
+      T* out = dst + i;
+      if (g.col_idx) {
+        const int64_t* cols = g.col_idx + j0;
+        for (int64_t j = 0; j < nj; ++j) out[j * lanes] = static_cast<T>(src[cols[j]]);
+      } else {
+        for (int64_t j = 0; j < nj; ++j) out[j * lanes] = static_cast<T>(src[j0 + j]);
+      }
+    }
+  } else {
+    // Logical column = storage row: walk along storage rows, write lanes contiguously.
+    for (int64_t j = 0; j < nj; ++j) {
+      const S* src = g.data + g.row(j0 + j) * g.ld;
+      T* out = dst + j * lanes;
+      if (g.col_idx) {
+        const int64_t* cols = g.col_idx + i0;
+        for (int64_t i = 0; i < ni; ++i) out[i] = static_cast<T>(src[cols[i]]);
+      } else {
+        for (int64_t i = 0; i < ni; ++i) out[i] = static_cast<T>(src[i0 + i]);
+      }
+    }
+  }
+  if (ni < lanes) {
+    for (int64_t j = 0; j < nj; ++j) std::fill(dst + j * lanes + ni, dst + (j + 1) * lanes, T(0));
+  }
+}
+
+// One GEMM operand: `main_depth` gathered columns of `main`, then `ext_depth`
+// columns of `ext` (the adapter's rank-r terms; may be empty).
+template <typename S, typename E>
+struct Operand {
+  GatherMatrix<S> main;
+  int64_t main_depth = 0;
+  GatherMatrix<E> ext;
+  int64_t ext_depth = 0;
+
+  int64_t depth() const { return main_depth + ext_depth; }
+
+  template <typename T>
+  void pack(int64_t i0, int64_t ni, int64_t k0, int64_t kc, int lanes, T* dst) const {
+    const int64_t main_end = std::min(k0 + kc, main_depth);
+    if (k0 < main_end) pack_block(main, i0, ni, k0, main_end - k0, lanes, dst);
+    const int64_t ext_begin = std::max(k0, main_depth);
+    if (ext_begin < k0 + kc) {
+      pack_block(ext, i0, ni, ext_begin - main_depth, k0 + kc - ext_begin, lanes,
+                 dst + (ext_begin - k0) * lanes);
+    }
+  }
+};
+
+// 64-byte aligned scratch memory.
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t count) {
+    const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64) * 64;
+    data_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    if (!data_) throw std::bad_alloc();
+  }
+  T* get() const { return data_.get(); }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+};
+
+// Threads to use: torch's setting, and one inside an outer parallel region.
+inline int gemm_threads() {
+  return omp_in_parallel() ? 1 : std::max(1, omp_get_max_threads());
+}
+
+// C = A(M x K) * B(N x K)^T, row by row into `finalize(i, c_row, n0, n1, thread)`,
+// where c_row holds C[i, n0:n1] (writable scratch; callers may scale it in place).
+// Rows are split between threads when there are enough of them, else columns.
+template <typename T, typename OpA, typename OpB, typename Finalize>
+void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a, const OpB& b,
+                 Finalize&& finalize, int num_threads) {
+  const int64_t K = a.depth();
+  if (M <= 0 || N <= 0) return;
+  const int mr = kern.mr, nr = kern.nr;
+  const int64_t n_panels = (N + nr - 1) / nr;
+  const int64_t m_panels = (M + mr - 1) / mr;
+
+  AlignedBuffer<T> packed_b(n_panels * std::max<int64_t>(K, 1) * nr);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t jp = 0; jp < n_panels; ++jp) {
+    b.pack(jp * nr, std::min<int64_t>(nr, N - jp * nr), 0, K, nr, packed_b.get() + jp * K * nr);
+  }
+
+  const bool split_rows = m_panels >= 4 * num_threads || n_panels < num_threads;
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int threads = omp_get_num_threads();
+    const int tid = omp_get_thread_num();
+    int64_t m_begin = 0, m_end = M, p_begin = 0, p_end = n_panels;
+    if (split_rows) {
+      m_begin = std::min(M, m_panels * tid / threads * mr);
+      m_end = std::min(M, m_panels * (tid + 1) / threads * mr);
+    } else {
+      p_begin = n_panels * tid / threads;
+      p_end = n_panels * (tid + 1) / threads;
+    }
+    const int64_t n0 = p_begin * nr, n1 = std::min(N, p_end * nr);
+    if (m_begin < m_end && n0 < n1) {
+      const int64_t ldc = (p_end - p_begin) * nr + kSlack;
+      const int64_t kc_max = std::min(kKC, std::max<int64_t>(K, 1));
+      AlignedBuffer<T> packed_a(kMC * kc_max);
+      AlignedBuffer<T> c(kMC * ldc + kSlack);
+      for (int64_t mb = m_begin; mb < m_end; mb += kMC) {
+        const int64_t rows = std::min(kMC, m_end - mb);
+        const int64_t row_panels = (rows + mr - 1) / mr;
+        if (K == 0) std::memset(c.get(), 0, sizeof(T) * (kMC * ldc));
+        for (int64_t pc = 0; pc < K; pc += kKC) {
+          const int64_t kc = std::min(kKC, K - pc);
+          for (int64_t ip = 0; ip < row_panels; ++ip) {
+            const int64_t r0 = ip * mr;
+            a.pack(mb + r0, std::min<int64_t>(mr, rows - r0), pc, kc, mr, packed_a.get() + ip * kc * mr);
+          }
+          for (int64_t jp = p_begin; jp < p_end; ++jp) {
+            const T* bp = packed_b.get() + jp * K * nr + pc * nr;
+            T* cp = c.get() + (jp - p_begin) * nr;
+            for (int64_t ip = 0; ip < row_panels; ++ip) {
+              kern.tile(kc, packed_a.get() + ip * kc * mr, bp, cp + ip * mr * ldc, ldc, pc > 0);
+            }
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) finalize(mb + i, c.get() + i * ldc, n0, n1, tid);
+      }
+    }
+  }
+}
+
+}  // namespace spa_kernels::cpu

@@ -1,0 +1,12 @@
+// The Python module spa_kernels._C: importing it registers the kernels as
+// torch.ops.spa_kernels_cpu.*; it also exposes the instruction-set switch.
+#include <torch/extension.h>
+
+#include "isa.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "spa_kernels CPU kernels (registered as torch.ops.spa_kernels_cpu)";
+  m.def("cpu_isa", &spa_kernels::cpu::current_isa, "Instruction set the float kernels use.");
+  m.def("supported_cpu_isas", &spa_kernels::cpu::supported_isas, "Instruction sets usable on this CPU.");
+  m.def("set_cpu_isa", &spa_kernels::cpu::set_isa, "Force an instruction set (avx512, avx2, generic).");
+}

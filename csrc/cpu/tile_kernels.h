@@ -1,0 +1,35 @@
+// The instruction-set-specific part of the CPU kernels, behind a plain table.
+//
+// Everything that depends on the instruction set is two small functions: the
+// register-blocked GEMM tile and the row "expand" that scatters a compact row
+// of active outputs into a full-width row with zeros between.  Packing,
+// gathering, threading and dtype conversion are shared code (masked_gemm.h),
+// compiled once; each ISA file compiles only these two functions, with no
+// library headers after its target pragma, so no inline library code is ever
+// emitted twice with different instruction sets.
+#pragma once
+
+#include <cstdint>
+
+namespace spa_kernels::cpu {
+
+template <typename T>
+struct TileKernels {
+  const char* isa;
+  int mr;  // rows of a tile (of the packed A micro-panel)
+  int nr;  // columns of a tile (of the packed B micro-panel)
+  // c[i*ldc + j] (+)= sum_p a[p*mr + i] * b[p*nr + j] for i < mr, j < nr.
+  void (*tile)(int64_t depth, const T* a, const T* b, T* c, int64_t ldc, bool accumulate);
+  // Writes out[p - lo] for p in [lo, hi): the next compact value where bit p of
+  // `active_bits` is set, zero elsewhere.  `compact` may be read up to 16
+  // elements past the last value consumed (callers allocate that slack).
+  void (*expand)(const T* compact, const uint8_t* active_bits, int64_t lo, int64_t hi, T* out);
+};
+
+// Returns nullptr where the ISA was not compiled in (non-x86 builds).
+const TileKernels<float>* avx512_float_kernels();
+const TileKernels<float>* avx2_float_kernels();
+const TileKernels<float>* generic_float_kernels();
+const TileKernels<double>* generic_double_kernels();
+
+}  // namespace spa_kernels::cpu
