@@ -1,0 +1,104 @@
+"""Channel masks shared by every SPA module: bool masks in, index lists out.
+
+A module keeps two persistent bool buffers, ``in_mask`` and ``out_mask``, which
+are what a checkpoint stores, and two non-persistent int64 buffers, ``in_idx``
+and ``out_idx``, which are what the kernels read.  The index lists are derived
+from the masks once per change (``set_masks``, ``load_state_dict``), because
+turning a mask into indices needs its values on the host: a device sync that
+``forward`` must never pay.  Being buffers, they follow the module through
+``.to()`` and ``.cuda()``.  An index list is ``None`` while every channel is
+active, so the kernels take their unmasked path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_mask
+
+MASK_NAMES = ("in_mask", "out_mask")
+
+
+def indices_from_mask(mask: Tensor) -> Tensor | None:
+    """Sorted int64 positions of the True entries of ``mask``; ``None`` if all are True."""
+    if mask.device.type == "meta":  # no values to read; real masks arrive with load_state_dict
+        return None
+    idx = torch.nonzero(mask).flatten()  # row-major order: already strictly increasing
+    return None if idx.numel() == mask.numel() else idx
+
+
+class ChannelMasked(nn.Module):
+    """Base of the SPA modules: input/output channel masks and their index lists.
+
+    Subclasses have a ``weight`` parameter and call :meth:`_init_masks` in their
+    constructor.  Masks should be
+    changed through :meth:`set_masks` (or ``load_state_dict``); writing into the
+    mask buffers directly leaves the index lists stale.
+    """
+
+    in_mask: Tensor
+    out_mask: Tensor
+    in_idx: Tensor | None
+    out_idx: Tensor | None
+
+    def _init_masks(self, in_channels: int, out_channels: int, device: torch.device | str | None) -> None:
+        self.register_buffer("in_mask", torch.ones(in_channels, dtype=torch.bool, device=device))
+        self.register_buffer("out_mask", torch.ones(out_channels, dtype=torch.bool, device=device))
+        self.register_buffer("in_idx", None, persistent=False)
+        self.register_buffer("out_idx", None, persistent=False)
+
+    def set_masks(self, in_mask: Tensor | None = None, out_mask: Tensor | None = None) -> None:
+        """Set the active input and/or output channels.
+
+        Args:
+            in_mask: bool ``(in,)``, True for the active input channels ``S``;
+                ``None`` keeps the current input mask.
+            out_mask: bool ``(out,)``, True for the active output channels ``O``;
+                ``None`` keeps the current output mask.
+
+        Raises:
+            TypeError: a mask is not a bool tensor.
+            ValueError: a mask is not 1-D of the channel count.
+
+        Both masks are checked before either is changed.  The masks may live on any
+        device; they are copied onto the module's, and the index lists are rebuilt
+        there (one host sync here, none in ``forward``).
+        """
+        if in_mask is not None:
+            check_mask(in_mask, "in_mask", self.in_mask.numel())
+        if out_mask is not None:
+            check_mask(out_mask, "out_mask", self.out_mask.numel())
+        with torch.no_grad():
+            if in_mask is not None:
+                self.in_mask.copy_(in_mask)
+            if out_mask is not None:
+                self.out_mask.copy_(out_mask)
+        self._rebuild_indices()
+
+    def _rebuild_indices(self) -> None:
+        self.in_idx = indices_from_mask(self.in_mask)
+        self.out_idx = indices_from_mask(self.out_mask)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # sp_adapters checkpoints have no masks: such a layer is unpruned, so an
+        # absent mask means "all channels active" and is not reported missing.
+        absent = [name for name in MASK_NAMES if prefix + name not in state_dict]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for name in absent:
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+            mask = getattr(self, name)
+            if mask.device == self.weight.device:
+                mask.fill_(True)
+            else:  # a meta-device module loaded with assign=True: give the mask real storage
+                setattr(self, name, torch.ones(mask.shape, dtype=torch.bool, device=self.weight.device))
+        for name in MASK_NAMES:
+            mask = getattr(self, name)
+            if mask.dtype != torch.bool:  # load_state_dict(assign=True) of a non-bool mask
+                setattr(self, name, mask != 0)
+        self._rebuild_indices()
