@@ -60,32 +60,23 @@ LinearShapes check_linear(const at::Tensor& x, const at::Tensor& weight,
 }
 
 template <typename S>
-Operand<S, acc_t<S>> rows_of(const S* data, int64_t ld, IndexList cols) {
+Operand<S> rows_of(const S* data, int64_t ld, IndexList cols) {
   // Logical (m, k) = data[m, cols[k]]: an activation matrix read at active columns.
-  Operand<S, acc_t<S>> op;
-  op.main = {data, ld, nullptr, cols.ptr, false};
-  op.main_depth = cols.count;
-  return op;
+  return {{data, ld, nullptr, cols.ptr, false}, cols.count};
 }
 
 template <typename S>
-Operand<S, acc_t<S>> columns_of(const S* data, int64_t ld, IndexList cols, int64_t depth) {
+Operand<S> columns_of(const S* data, int64_t ld, IndexList cols, int64_t depth) {
   // Logical (c, m) = data[m, cols[c]]: the transpose, for products summed over rows m.
-  Operand<S, acc_t<S>> op;
-  op.main = {data, ld, nullptr, cols.ptr, true};
-  op.main_depth = depth;
-  return op;
+  return {{data, ld, nullptr, cols.ptr, true}, depth};
 }
 
 template <typename S>
-void rank_product(const Operand<S, acc_t<S>>& activations, const S* factor, int64_t ld, const int64_t* rows,
-                  const int64_t* cols, bool transposed, int64_t M, int64_t rank, acc_t<S> scale,
-                  acc_t<S>* out, int threads) {
-  // out (M x rank) = scale * activations . factor^T, with factor read through index lists.
+void rank_product(const Operand<S>& activations, const GatherMatrix<S>& factor, int64_t M, int64_t rank,
+                  acc_t<S> scale, acc_t<S>* out, int threads) {
+  // out (M x rank) = scale * activations . factor^T
   using T = acc_t<S>;
-  Operand<S, S> f;
-  f.main = {factor, ld, rows, cols, transposed};
-  f.main_depth = activations.depth();
+  const Operand<S> f{factor, activations.depth};
   masked_gemm<T>(kernels_for<T>(), M, rank, activations, f, StoreDense<T>{out, rank, scale}, threads);
 }
 
@@ -126,18 +117,14 @@ at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "splora_linear_forward", [&] {
     using S = scalar_t;
     using T = acc_t<S>;
-    Operand<S, T> a = rows_of(x.data_ptr<S>(), s.in, s.S);
-    AlignedBuffer<T> t(s.M * s.rank + kSlack);
-    Operand<S, S> b;
-    b.main = {weight.data_ptr<S>(), s.in, s.O.ptr, s.S.ptr, false};  // (o, k) = W[O[o], S[k]]
-    b.main_depth = s.S.count;
+    const Operand<S> a = rows_of(x.data_ptr<S>(), s.in, s.S);
+    const Operand<S> b{{weight.data_ptr<S>(), s.in, s.O.ptr, s.S.ptr, false}, s.S.count};  // (o, k) = W[O[o], S[k]]
+    LowRankTerm<S, T> adapter;
     if (s.rank > 0) {
-      rank_product<S>(a, lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false, s.M, s.rank, T(scale), t.get(),
-                      threads);
-      a.ext = {t.get(), s.rank, nullptr, nullptr, false};
-      a.ext_depth = s.rank;
-      b.ext = {lora_b->data_ptr<S>(), s.rank, s.O.ptr, nullptr, false};  // (o, j) = B[O[o], j]
-      b.ext_depth = s.rank;
+      adapter.inner = {lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false};  // (j, k) = A[j, S[k]]
+      adapter.outer = {lora_b->data_ptr<S>(), s.rank, s.O.ptr, nullptr, false};  // (o, j) = B[O[o], j]
+      adapter.rank = s.rank;
+      adapter.scale = T(scale);
     }
     std::vector<T> bias_active;
     if (has_bias) {
@@ -149,7 +136,7 @@ at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
     std::vector<T> scratch;
     auto writer = scatter_into(y.data_ptr<S>(), s.out, s.O, bits, s.out, scratch, threads);
     writer.bias = has_bias ? bias_active.data() : nullptr;
-    masked_gemm<T>(kernels_for<T>(), s.M, s.O.count, a, b, writer, threads);
+    masked_gemm<T>(kernels_for<T>(), s.M, s.O.count, a, b, writer, threads, s.rank > 0 ? &adapter : nullptr);
   });
   return y;
 }
@@ -194,34 +181,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
     const S* wp = weight.data_ptr<S>();
     const std::vector<uint8_t> in_bits = active_bits(s.S, s.in);
     std::vector<T> scratch;
-    const Operand<S, T> dy_active = rows_of(dy, s.out, s.O);  // (m, o) = dy[m, O[o]]
-    const Operand<S, T> dy_columns = columns_of(dy, s.out, s.O, s.M);  // (o, m) = dy[m, O[o]]
-    const Operand<S, T> x_columns = columns_of(xp, s.in, s.S, s.M);  // (k, m) = x[m, S[k]]
+    const Operand<S> dy_active = rows_of(dy, s.out, s.O);  // (m, o) = dy[m, O[o]]
+    const Operand<S> dy_columns = columns_of(dy, s.out, s.O, s.M);  // (o, m) = dy[m, O[o]]
+    const Operand<S> x_columns = columns_of(xp, s.in, s.S, s.M);  // (k, m) = x[m, S[k]]
+    const GatherMatrix<S> b_active{s.rank > 0 ? lora_b->data_ptr<S>() : nullptr, s.rank, s.O.ptr, nullptr,
+                                   true};  // (j, o) = B[O[o], j]
 
-    // u = s dy_O B_O, shared by dx and dA.
+    // u = s dy_O B_O (M x r): dA needs it; dx computes it on the way.
     AlignedBuffer<T> u(s.M * s.rank + kSlack);
-    if (s.rank > 0 && (need_x || need_a)) {
-      // (j, o) = B[O[o], j]
-      rank_product<S>(dy_active, lora_b->data_ptr<S>(), s.rank, s.O.ptr, nullptr, true, s.M, s.rank, T(scale),
-                      u.get(), threads);
-    }
+    const bool dx_computes_u = need_x && s.S.count > 0;
+    if (need_a && !dx_computes_u) rank_product<S>(dy_active, b_active, s.M, s.rank, T(scale), u.get(), threads);
     if (need_x) {
       grad_x = at::empty({s.M, s.in}, x.options());
       if (s.S.count == 0) {
         grad_x.zero_();
       } else {
-        Operand<S, T> a = dy_active;
-        Operand<S, S> b;
-        b.main = {wp, s.in, s.O.ptr, s.S.ptr, true};  // (k, o) = W[O[o], S[k]]
-        b.main_depth = s.O.count;
+        const Operand<S> b{{wp, s.in, s.O.ptr, s.S.ptr, true}, s.O.count};  // (k, o) = W[O[o], S[k]]
+        LowRankTerm<S, T> adapter;
         if (s.rank > 0) {
-          a.ext = {u.get(), s.rank, nullptr, nullptr, false};
-          a.ext_depth = s.rank;
-          b.ext = {lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, true};  // (k, j) = A[j, S[k]]
-          b.ext_depth = s.rank;
+          adapter.inner = b_active;
+          adapter.outer = {lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, true};  // (k, j) = A[j, S[k]]
+          adapter.rank = s.rank;
+          adapter.scale = T(scale);
+          adapter.save = need_a ? u.get() : nullptr;
         }
         auto writer = scatter_into(grad_x.data_ptr<S>(), s.in, s.S, in_bits, s.in, scratch, threads);
-        masked_gemm<T>(kernels_for<T>(), s.M, s.S.count, a, b, writer, threads);
+        masked_gemm<T>(kernels_for<T>(), s.M, s.S.count, dy_active, b, writer, threads,
+                       s.rank > 0 ? &adapter : nullptr);
       }
     }
     if (need_a) {
@@ -229,9 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
       if (s.S.count == 0) {
         grad_a.zero_();
       } else {
-        Operand<T, T> a;
-        a.main = {u.get(), s.rank, nullptr, nullptr, true};  // (j, m) = u[m, j]
-        a.main_depth = s.M;
+        const Operand<T> a{{u.get(), s.rank, nullptr, nullptr, true}, s.M};  // (j, m) = u[m, j]
         auto writer = scatter_into(grad_a.data_ptr<S>(), s.in, s.S, in_bits, s.in, scratch, threads);
         masked_gemm<T>(kernels_for<T>(), s.rank, s.S.count, a, x_columns, writer, threads);
       }
@@ -240,11 +224,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
       grad_b = at::zeros({s.out, s.rank}, x.options());
       if (s.O.count > 0) {
         AlignedBuffer<T> t(s.M * s.rank + kSlack);
-        rank_product<S>(rows_of(xp, s.in, s.S), lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false, s.M,
-                        s.rank, T(1), t.get(), threads);
-        Operand<T, T> b;
-        b.main = {t.get(), s.rank, nullptr, nullptr, true};  // (j, m) = t[m, j]
-        b.main_depth = s.M;
+        const GatherMatrix<S> a_active{lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false};  // (j, k) = A[j, S[k]]
+        rank_product<S>(rows_of(xp, s.in, s.S), a_active, s.M, s.rank, T(1), t.get(), threads);
+        const Operand<T> b{{t.get(), s.rank, nullptr, nullptr, true}, s.M};  // (j, m) = t[m, j]
         auto writer = scatter_into(grad_b.data_ptr<S>(), s.rank, IndexList{nullptr, s.rank}, in_bits, s.rank,
                                    scratch, threads);
         writer.row_idx = s.O.ptr;

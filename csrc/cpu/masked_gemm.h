@@ -5,8 +5,8 @@
 //     C[i, n] = sum_k A(i, k) * B(n, k)          i < M, n < N, k < K
 //
 // where A and B are *views*: rows and columns picked through index lists from
-// a full-size tensor, possibly transposed, followed by a few extra "ext"
-// columns (the rank-r adapter terms).  A blocked GEMM copies each operand
+// a full-size tensor, possibly transposed; an optional low-rank term adds the
+// adapter's rank-r path to the same product.  A blocked GEMM copies each operand
 // once into cache-friendly micro-panels anyway, so the gather costs nothing
 // extra: it happens in that copy.  Only active channels are ever read or
 // multiplied.  The result of each row goes to a `finalize` callback, which
@@ -87,27 +87,30 @@ void pack_block(const GatherMatrix<S>& g, int64_t i0, int64_t ni, int64_t j0, in
   }
 }
 
-// One GEMM operand: `main_depth` gathered columns of `main`, then `ext_depth`
-// columns of `ext` (the adapter's rank-r terms; may be empty).
-template <typename S, typename E>
+// One GEMM operand: logical rows of `matrix` over `depth` columns.
+template <typename S>
 struct Operand {
-  GatherMatrix<S> main;
-  int64_t main_depth = 0;
-  GatherMatrix<E> ext;
-  int64_t ext_depth = 0;
-
-  int64_t depth() const { return main_depth + ext_depth; }
+  GatherMatrix<S> matrix;
+  int64_t depth = 0;
 
   template <typename T>
   void pack(int64_t i0, int64_t ni, int64_t k0, int64_t kc, int lanes, T* dst) const {
-    const int64_t main_end = std::min(k0 + kc, main_depth);
-    if (k0 < main_end) pack_block(main, i0, ni, k0, main_end - k0, lanes, dst);
-    const int64_t ext_begin = std::max(k0, main_depth);
-    if (ext_begin < k0 + kc) {
-      pack_block(ext, i0, ni, ext_begin - main_depth, k0 + kc - ext_begin, lanes,
-                 dst + (ext_begin - k0) * lanes);
-    }
+    pack_block(matrix, i0, ni, k0, kc, lanes, dst);
   }
+};
+
+// A low-rank term added to a product:  C += scale * (A inner^T) outer^T.
+// `inner` is logical (j, k), rank x depth of A; `outer` is logical (n, j),
+// N x rank.  The rank-r product A inner^T is computed from the same packed A
+// blocks as the main product (as r extra output columns), so A is read once;
+// `save`, if set, receives scale * A inner^T (M x rank) for later use.
+template <typename S, typename T>
+struct LowRankTerm {
+  GatherMatrix<S> inner;
+  GatherMatrix<S> outer;
+  int64_t rank = 0;
+  T scale = T(1);
+  T* save = nullptr;
 };
 
 // 64-byte aligned scratch memory.
@@ -133,22 +136,35 @@ inline int gemm_threads() {
   return omp_in_parallel() ? 1 : std::max(1, omp_get_max_threads());
 }
 
-// C = A(M x K) * B(N x K)^T, row by row into `finalize(i, c_row, n0, n1, thread)`,
-// where c_row holds C[i, n0:n1] (writable scratch; callers may scale it in place).
-// Rows are split between threads when there are enough of them, else columns.
-template <typename T, typename OpA, typename OpB, typename Finalize>
-void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a, const OpB& b,
-                 Finalize&& finalize, int num_threads) {
-  const int64_t K = a.depth();
+// C = A(M x K) * B(N x K)^T [+ low-rank term], row by row into
+// `finalize(i, c_row, n0, n1, thread)`, where c_row holds C[i, n0:n1]
+// (writable scratch; callers may scale it in place).  Rows are split between
+// threads when there are enough of them, else columns.
+template <typename T, typename SA, typename SB, typename Finalize>
+void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const Operand<SA>& a, const Operand<SB>& b,
+                 Finalize&& finalize, int num_threads, const LowRankTerm<SB, T>* low_rank = nullptr) {
+  const int64_t K = a.depth;
   if (M <= 0 || N <= 0) return;
   const int mr = kern.mr, nr = kern.nr;
   const int64_t n_panels = (N + nr - 1) / nr;
   const int64_t m_panels = (M + mr - 1) / mr;
+  const int64_t rank = low_rank ? low_rank->rank : 0;
+  const int64_t rank_panels = (rank + nr - 1) / nr;
+  const int64_t k_alloc = std::max<int64_t>(K, 1);
 
-  AlignedBuffer<T> packed_b(n_panels * std::max<int64_t>(K, 1) * nr);
+  // B, the low-rank inner factor (as extra panels after B's) and outer factor.
+  AlignedBuffer<T> packed_b((n_panels + rank_panels) * k_alloc * nr);
+  AlignedBuffer<T> packed_outer(n_panels * std::max<int64_t>(rank, 1) * nr);
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t jp = 0; jp < n_panels; ++jp) {
-    b.pack(jp * nr, std::min<int64_t>(nr, N - jp * nr), 0, K, nr, packed_b.get() + jp * K * nr);
+  for (int64_t jp = 0; jp < n_panels + rank_panels; ++jp) {
+    if (jp < n_panels) {
+      const int64_t n0 = jp * nr, nn = std::min<int64_t>(nr, N - n0);
+      pack_block(b.matrix, n0, nn, 0, K, nr, packed_b.get() + jp * K * nr);
+      if (rank > 0) pack_block(low_rank->outer, n0, nn, 0, rank, nr, packed_outer.get() + jp * rank * nr);
+    } else {
+      const int64_t j0 = (jp - n_panels) * nr;
+      pack_block(low_rank->inner, j0, std::min<int64_t>(nr, rank - j0), 0, K, nr, packed_b.get() + jp * K * nr);
+    }
   }
 
   const bool split_rows = m_panels >= 4 * num_threads || n_panels < num_threads;
@@ -166,9 +182,11 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
     }
     const int64_t n0 = p_begin * nr, n1 = std::min(N, p_end * nr);
     if (m_begin < m_end && n0 < n1) {
-      const int64_t ldc = (p_end - p_begin) * nr + kSlack;
-      const int64_t kc_max = std::min(kKC, std::max<int64_t>(K, 1));
-      AlignedBuffer<T> packed_a(kMC * kc_max);
+      // Row layout of the C scratch: this thread's columns, then the rank columns.
+      const int64_t rank_col = (p_end - p_begin) * nr;
+      const int64_t ldc = rank_col + rank_panels * nr + kSlack;
+      const int64_t kc_max = std::max(std::min(kKC, K), rank);
+      AlignedBuffer<T> packed_a(kMC * std::max<int64_t>(kc_max, 1));
       AlignedBuffer<T> c(kMC * ldc + kSlack);
       for (int64_t mb = m_begin; mb < m_end; mb += kMC) {
         const int64_t rows = std::min(kMC, m_end - mb);
@@ -180,11 +198,35 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
             const int64_t r0 = ip * mr;
             a.pack(mb + r0, std::min<int64_t>(mr, rows - r0), pc, kc, mr, packed_a.get() + ip * kc * mr);
           }
-          for (int64_t jp = p_begin; jp < p_end; ++jp) {
+          auto run_panel = [&](int64_t jp, T* cp) {
             const T* bp = packed_b.get() + jp * K * nr + pc * nr;
-            T* cp = c.get() + (jp - p_begin) * nr;
             for (int64_t ip = 0; ip < row_panels; ++ip) {
               kern.tile(kc, packed_a.get() + ip * kc * mr, bp, cp + ip * mr * ldc, ldc, pc > 0);
+            }
+          };
+          for (int64_t jp = p_begin; jp < p_end; ++jp) run_panel(jp, c.get() + (jp - p_begin) * nr);
+          for (int64_t lp = 0; lp < rank_panels; ++lp) run_panel(n_panels + lp, c.get() + rank_col + lp * nr);
+        }
+        if (rank > 0) {
+          // The rank-r product of these rows becomes the depth of one more block.
+          T* u = packed_a.get();
+          for (int64_t ip = 0; ip < row_panels; ++ip) {
+            for (int64_t j = 0; j < rank; ++j) {
+              for (int i = 0; i < mr; ++i) {
+                const int64_t row = ip * mr + i;
+                const T value = row < rows ? low_rank->scale * c.get()[row * ldc + rank_col + j] : T(0);
+                u[(ip * rank + j) * mr + i] = value;
+                if (low_rank->save && row < rows && (split_rows || tid == 0)) {
+                  low_rank->save[(mb + row) * rank + j] = value;
+                }
+              }
+            }
+          }
+          for (int64_t jp = p_begin; jp < p_end; ++jp) {
+            const T* bp = packed_outer.get() + jp * rank * nr;
+            T* cp = c.get() + (jp - p_begin) * nr;
+            for (int64_t ip = 0; ip < row_panels; ++ip) {
+              kern.tile(rank, u + ip * rank * mr, bp, cp + ip * mr * ldc, ldc, true);
             }
           }
         }
