@@ -2,7 +2,7 @@
 //
 //   forward   y_O = [x_S | s t] [W_OS | B_O]^T + b_O,       t  = x_S A_S^T
 //   backward  dx_S = [dy_O | s u] [W_OS ; A_S],              u  = dy_O B_O
-//             dA_S = s u^T x_S,  dB_O = s dy_O^T t,  db_O = sum_m dy_O,
+//             dA_S = s u^T x_S,  [dB_O | db_O] = dy_O^T [s t | 1],
 //             dW_OS = dy_O^T x_S (only when the weight requires grad)
 //
 // The rank-r product is appended to the GEMM's depth, so the adapter costs
@@ -73,11 +73,12 @@ Operand<S> columns_of(const S* data, int64_t ld, IndexList cols, int64_t depth) 
 
 template <typename S>
 void rank_product(const Operand<S>& activations, const GatherMatrix<S>& factor, int64_t M, int64_t rank,
-                  acc_t<S> scale, acc_t<S>* out, int threads) {
-  // out (M x rank) = scale * activations . factor^T
+                  acc_t<S> scale, acc_t<S>* out, int threads, int64_t ld_out = 0) {
+  // out[:, :rank] (M x rank, row stride ld_out) = scale * activations . factor^T
   using T = acc_t<S>;
   const Operand<S> f{factor, activations.depth};
-  masked_gemm<T>(kernels_for<T>(), M, rank, activations, f, StoreDense<T>{out, rank, scale}, threads);
+  masked_gemm<T>(kernels_for<T>(), M, rank, activations, f, StoreDense<T>{out, ld_out ? ld_out : rank, scale},
+                 threads);
 }
 
 template <typename S>
@@ -141,24 +142,6 @@ at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
-template <typename S>
-void column_sums(const S* dy, int64_t ld, int64_t M, IndexList O, S* out, int threads) {
-  // out[O[o]] = sum_m dy[m, O[o]]; threads own disjoint column chunks.
-  using T = acc_t<S>;
-  constexpr int64_t kChunk = 256;
-  const int64_t chunks = (O.count + kChunk - 1) / kChunk;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    const int64_t o0 = ch * kChunk, n = std::min(kChunk, O.count - o0);
-    T acc[kChunk] = {};
-    for (int64_t m = 0; m < M; ++m) {
-      const S* row = dy + m * ld;
-      for (int64_t o = 0; o < n; ++o) acc[o] += static_cast<T>(row[O.ptr ? O.ptr[o0 + o] : o0 + o]);
-    }
-    for (int64_t o = 0; o < n; ++o) out[O.ptr ? O.ptr[o0 + o] : o0 + o] = static_cast<S>(acc[o]);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_linear_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
@@ -220,23 +203,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
         masked_gemm<T>(kernels_for<T>(), s.rank, s.S.count, a, x_columns, writer, threads);
       }
     }
-    if (need_b) {
-      grad_b = at::zeros({s.out, s.rank}, x.options());
+    if (need_b || need_bias) {
+      // One pass over dy_O^T for both: dB_O = s dy_O^T t and db_O = dy_O^T 1,
+      // as the product of dy_O^T with [t | 1] (M x q).
+      if (need_b) grad_b = at::zeros({s.out, s.rank}, x.options());
+      if (need_bias) grad_bias = at::zeros({s.out}, x.options());
+      const int64_t rank_b = need_b ? s.rank : 0, q = rank_b + (need_bias ? 1 : 0);
       if (s.O.count > 0) {
-        AlignedBuffer<T> t(s.M * s.rank + kSlack);
-        const GatherMatrix<S> a_active{lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false};  // (j, k) = A[j, S[k]]
-        rank_product<S>(rows_of(xp, s.in, s.S), a_active, s.M, s.rank, T(1), t.get(), threads);
-        const Operand<T> b{{t.get(), s.rank, nullptr, nullptr, true}, s.M};  // (j, m) = t[m, j]
-        auto writer = scatter_into(grad_b.data_ptr<S>(), s.rank, IndexList{nullptr, s.rank}, in_bits, s.rank,
-                                   scratch, threads);
-        writer.row_idx = s.O.ptr;
-        writer.scale = T(scale);
-        masked_gemm<T>(kernels_for<T>(), s.O.count, s.rank, dy_columns, b, writer, threads);
+        AlignedBuffer<T> t_ones(s.M * q + kSlack);
+        if (need_b) {
+          const GatherMatrix<S> a_active{lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false};  // (j, k) = A[j, S[k]]
+          rank_product<S>(rows_of(xp, s.in, s.S), a_active, s.M, s.rank, T(1), t_ones.get(), threads, q);
+        }
+        if (need_bias) {
+          for (int64_t m = 0; m < s.M; ++m) t_ones.get()[m * q + rank_b] = T(1);
+        }
+        const Operand<T> b{{t_ones.get(), q, nullptr, nullptr, true}, s.M};  // (j, m) = [t | 1][m, j]
+        S* gb = need_b ? grad_b.data_ptr<S>() : nullptr;
+        S* gbias = need_bias ? grad_bias.data_ptr<S>() : nullptr;
+        const T adapter_scale = T(scale);
+        auto writer = [&](int64_t o, T* c, int64_t n0, int64_t n1, int) {
+          const int64_t channel = s.O.ptr ? s.O.ptr[o] : o;
+          for (int64_t n = n0; n < n1; ++n) {
+            if (n < rank_b) {
+              gb[channel * s.rank + n] = static_cast<S>(adapter_scale * c[n - n0]);
+            } else {
+              gbias[channel] = static_cast<S>(c[n - n0]);
+            }
+          }
+        };
+        masked_gemm<T>(kernels_for<T>(), s.O.count, q, dy_columns, b, writer, threads);
       }
-    }
-    if (need_bias) {
-      grad_bias = at::zeros({s.out}, x.options());
-      column_sums(dy, s.out, s.M, s.O, grad_bias.data_ptr<S>(), threads);
     }
     if (need_w) {
       grad_w = at::empty({s.out, s.in}, x.options());
