@@ -23,6 +23,9 @@
 namespace spa_kernels::cpu {
 namespace {
 
+// Outputs at least this large are written with non-temporal stores.
+constexpr int64_t kStreamingBytes = int64_t(16) << 20;
+
 void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
@@ -83,7 +86,7 @@ void rank_product(const Operand<S>& activations, const GatherMatrix<S>& factor, 
 
 template <typename S>
 ScatterRows<S, acc_t<S>> scatter_into(S* out, int64_t ld, IndexList positions, const std::vector<uint8_t>& bits,
-                                      int64_t width, std::vector<acc_t<S>>& scratch, int threads) {
+                                      int64_t width, int64_t rows, std::vector<acc_t<S>>& scratch, int threads) {
   ScatterRows<S, acc_t<S>> w;
   w.kernels = &kernels_for<acc_t<S>>();
   w.out = out;
@@ -91,6 +94,8 @@ ScatterRows<S, acc_t<S>> scatter_into(S* out, int64_t ld, IndexList positions, c
   w.positions = positions;
   w.bits = bits.data();
   w.width = width;
+  // Stream stores only when the output dwarfs the last-level cache share.
+  w.stream = static_cast<int64_t>(sizeof(S)) * width * rows >= kStreamingBytes;
   if constexpr (!std::is_same_v<S, acc_t<S>>) {
     w.scratch_ld = width + kSlack;
     scratch.assign(static_cast<size_t>(threads) * w.scratch_ld, acc_t<S>(0));
@@ -135,7 +140,7 @@ at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
     }
     const std::vector<uint8_t> bits = active_bits(s.O, s.out);
     std::vector<T> scratch;
-    auto writer = scatter_into(y.data_ptr<S>(), s.out, s.O, bits, s.out, scratch, threads);
+    auto writer = scatter_into(y.data_ptr<S>(), s.out, s.O, bits, s.out, s.M, scratch, threads);
     writer.bias = has_bias ? bias_active.data() : nullptr;
     masked_gemm<T>(kernels_for<T>(), s.M, s.O.count, a, b, writer, threads, s.rank > 0 ? &adapter : nullptr);
   });
@@ -188,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
           adapter.scale = T(scale);
           adapter.save = need_a ? u.get() : nullptr;
         }
-        auto writer = scatter_into(grad_x.data_ptr<S>(), s.in, s.S, in_bits, s.in, scratch, threads);
+        auto writer = scatter_into(grad_x.data_ptr<S>(), s.in, s.S, in_bits, s.in, s.M, scratch, threads);
         masked_gemm<T>(kernels_for<T>(), s.M, s.S.count, dy_active, b, writer, threads,
                        s.rank > 0 ? &adapter : nullptr);
       }
@@ -199,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
         grad_a.zero_();
       } else {
         const Operand<T> a{{u.get(), s.rank, nullptr, nullptr, true}, s.M};  // (j, m) = u[m, j]
-        auto writer = scatter_into(grad_a.data_ptr<S>(), s.in, s.S, in_bits, s.in, scratch, threads);
+        auto writer = scatter_into(grad_a.data_ptr<S>(), s.in, s.S, in_bits, s.in, s.rank, scratch, threads);
         masked_gemm<T>(kernels_for<T>(), s.rank, s.S.count, a, x_columns, writer, threads);
       }
     }
@@ -249,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
         }
       }
       if (s.S.count > 0 && s.O.count > 0) {
-        auto writer = scatter_into(gw, s.in, s.S, in_bits, s.in, scratch, threads);
+        auto writer = scatter_into(gw, s.in, s.S, in_bits, s.in, s.O.count, scratch, threads);
         writer.row_idx = s.O.ptr;
         masked_gemm<T>(kernels_for<T>(), s.O.count, s.S.count, dy_columns, x_columns, writer, threads);
       }

@@ -77,6 +77,7 @@ struct ScatterRows {
   int64_t width = 0;
   const T* bias = nullptr;     // per GEMM column, or null
   T scale = T(1);
+  bool stream = false;         // non-temporal stores (outputs far larger than cache)
   T* scratch = nullptr;        // per thread, scratch_ld each; for S != T only
   int64_t scratch_ld = 0;
 
@@ -96,7 +97,7 @@ struct ScatterRows {
     S* row = out + (row_idx ? row_idx[i] : i) * ld + lo;
     if constexpr (std::is_same_v<S, T>) {
       if (positions.ptr) {
-        kernels->expand(c, bits, lo, hi, row);
+        kernels->expand(c, bits, lo, hi, row, stream);
       } else {
         std::memcpy(row, c, sizeof(T) * count);
       }
@@ -104,7 +105,7 @@ struct ScatterRows {
       const T* src = c;
       if (positions.ptr) {
         T* tmp = scratch + thread * scratch_ld;
-        kernels->expand(c, bits, lo, hi, tmp);
+        kernels->expand(c, bits, lo, hi, tmp, false);
         src = tmp;
       }
       for (int64_t p = 0; p < hi - lo; ++p) row[p] = static_cast<S>(src[p]);

@@ -23,7 +23,9 @@ struct TileKernels {
   // Writes out[p - lo] for p in [lo, hi): the next compact value where bit p of
   // `active_bits` is set, zero elsewhere.  `compact` may be read up to 16
   // elements past the last value consumed (callers allocate that slack).
-  void (*expand)(const T* compact, const uint8_t* active_bits, int64_t lo, int64_t hi, T* out);
+  // `stream` asks for non-temporal stores: for outputs much larger than the
+  // caches, which would otherwise be read into cache just to be overwritten.
+  void (*expand)(const T* compact, const uint8_t* active_bits, int64_t lo, int64_t hi, T* out, bool stream);
 };
 
 // Returns nullptr where the ISA was not compiled in (non-x86 builds).

@@ -43,7 +43,7 @@ struct ExpandTable {
   }
 };
 
-void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, float* out) {
+void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, float* out, bool stream) {
   static const ExpandTable table;
   int64_t p = lo;
   const int64_t head_end = hi < ((lo + 7) & ~int64_t(7)) ? hi : ((lo + 7) & ~int64_t(7));
@@ -61,10 +61,16 @@ void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, f
       const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lanes, lane_bit));
       v = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(compact), index), keep);
     }
-    _mm256_storeu_ps(out + (p - lo), v);
+    float* dst = out + (p - lo);
+    if (stream && (reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
+      _mm256_stream_ps(dst, v);
+    } else {
+      _mm256_storeu_ps(dst, v);
+    }
     compact += __builtin_popcount(m);
   }
   expand_scalar(compact, bits, p, hi, out, lo);
+  if (stream) _mm_sfence();  // order the streamed stores before anyone reads them
 }
 
 }  // namespace avx2

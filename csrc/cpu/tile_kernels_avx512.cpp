@@ -32,7 +32,7 @@ void tile(int64_t depth, const float* a, const float* b, float* c, int64_t ldc, 
   simd_tile<Vec, kMR, kNV>(depth, a, b, c, ldc, accumulate);
 }
 
-void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, float* out) {
+void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, float* out, bool stream) {
   int64_t p = lo;
   const int64_t aligned = (lo + 15) & ~int64_t(15);
   const int64_t head_end = hi < aligned ? hi : aligned;
@@ -40,10 +40,17 @@ void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, f
   p = head_end;
   for (; p + 16 <= hi; p += 16) {
     const unsigned m = static_cast<unsigned>(bits[p >> 3]) | (static_cast<unsigned>(bits[(p >> 3) + 1]) << 8);
-    _mm512_storeu_ps(out + (p - lo), _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m), compact));
+    const __m512 v = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m), compact);
+    float* dst = out + (p - lo);
+    if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+      _mm512_stream_ps(dst, v);
+    } else {
+      _mm512_storeu_ps(dst, v);
+    }
     compact += __builtin_popcount(m);
   }
   expand_scalar(compact, bits, p, hi, out, lo);
+  if (stream) _mm_sfence();  // order the streamed stores before anyone reads them
 }
 
 }  // namespace avx512

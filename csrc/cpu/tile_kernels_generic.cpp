@@ -22,7 +22,7 @@ void tile(int64_t depth, const T* a, const T* b, T* c, int64_t ldc, bool accumul
 }
 
 template <typename T>
-void expand(const T* compact, const uint8_t* bits, int64_t lo, int64_t hi, T* out) {
+void expand(const T* compact, const uint8_t* bits, int64_t lo, int64_t hi, T* out, bool /*stream*/) {
   for (int64_t p = lo; p < hi; ++p) {
     const bool active = (bits[p >> 3] >> (p & 7)) & 1;
     out[p - lo] = active ? *compact++ : T(0);
