@@ -14,7 +14,6 @@ falls back silently and says why in the debug log.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import os
 from typing import Iterator, Protocol
@@ -41,9 +40,9 @@ class Backend(Protocol):
 
 
 _REGISTRY: dict[str, Backend] = {}
-_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "spa_kernels_forced_backend", default=None
-)
+# Stack of use_backend() choices.  A plain list rather than a ContextVar so
+# torch.compile can trace the lookup without a graph break.
+_FORCED: list[str] = []
 
 
 def register_backend(backend: Backend) -> None:
@@ -76,19 +75,18 @@ def backends(device: str | torch.device = "cpu") -> list[str]:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run every op in the ``with`` block on backend ``name`` (or ``"auto"``)."""
-    token = _FORCED.set(_check_name(name))
+    _FORCED.append(_check_name(name))
     try:
         yield
     finally:
-        _FORCED.reset(token)
+        _FORCED.pop()
 
 
 def _requested(backend: str | None) -> str:
     if backend is not None and backend != "auto":
         return _check_name(backend)
-    forced = _FORCED.get()
-    if forced is not None:
-        return forced
+    if _FORCED:
+        return _FORCED[-1]
     from_env = os.environ.get(ENV_VARIABLE)
     if from_env:
         return _check_name(from_env.strip().lower(), ENV_VARIABLE)
