@@ -1,0 +1,65 @@
+"""The ``triton`` backend: fused Triton kernels for GPUs, and for CPUs under the interpreter.
+
+On CUDA devices the kernels are compiled and autotuned.  On the CPU they run only
+in Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported),
+which is how the test suite checks them on machines without a GPU; it is far too
+slow to be picked automatically.  Without Triton installed this module still
+imports, with ``IMPORTED = False``, and the package does not register it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("spa_kernels")
+
+name = "triton"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+try:
+    import triton  # noqa: F401
+
+    from .linear import INTERPRETED, splora_linear_forward
+    from .linear_backward import splora_linear_backward
+
+    IMPORTED = True
+    IMPORT_ERROR: str | None = None
+except Exception as error:  # Triton is optional; a broken install must not break the package
+    IMPORTED = False
+    INTERPRETED = False
+    IMPORT_ERROR = f"{type(error).__name__}: {error}"
+    logger.debug("Triton is not usable, triton backend disabled: %s", IMPORT_ERROR)
+
+    def splora_linear_forward(*args, **kwargs):
+        raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
+
+    def splora_linear_backward(*args, **kwargs):
+        raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
+
+
+def is_available(device_type: str, dtype: torch.dtype | None) -> bool:
+    """Whether the kernels can run on ``device_type`` tensors of ``dtype`` (None: any dtype).
+
+    CPU tensors need ``TRITON_INTERPRET=1`` now (read at every call) and when the
+    kernels were decorated at import, since that is when Triton chose to interpret.
+    """
+    if not IMPORTED or (dtype is not None and dtype not in SUPPORTED_DTYPES):
+        return False
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    if device_type == "cpu":
+        return INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
+    return False
+
+
+__all__ = [
+    "IMPORTED",
+    "SUPPORTED_DTYPES",
+    "is_available",
+    "name",
+    "splora_linear_backward",
+    "splora_linear_forward",
+]
