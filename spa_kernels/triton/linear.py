@@ -61,38 +61,6 @@ def _interpreting() -> bool:
 INTERPRETED = _interpreting()
 
 
-def _let_interpreter_loop_over_scalar_arguments() -> None:
-    """Make ``range(0, K, BLOCK)`` over a runtime ``K`` work in Triton <= 3.6's interpreter.
-
-    The interpreter holds scalar kernel arguments as 1-element numpy arrays and
-    turns them into loop bounds with ``int(array)``, which NumPy >= 2.4 refuses
-    for arrays with a dimension.  Later Triton releases read the element
-    instead; this does the same for older ones, and nothing where not needed.
-    """
-    import numpy as np
-
-    try:
-        int(np.ones(1, dtype=np.int32))
-        return  # this NumPy still converts 1-element arrays
-    except TypeError:
-        pass
-    from triton.runtime import interpreter
-
-    install_tensor_methods = getattr(interpreter, "_patch_lang_tensor", None)
-    if install_tensor_methods is None or getattr(install_tensor_methods, "_reads_element", False):
-        return
-
-    def install_with_element_index(tensor, scope):
-        install_tensor_methods(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    install_with_element_index._reads_element = True
-    interpreter._patch_lang_tensor = install_with_element_index
-
-
-if INTERPRETED:
-    _let_interpreter_loop_over_scalar_arguments()
-
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Programs that share a weight tile are launched close together (GROUP_M row
