@@ -1,0 +1,212 @@
+"""Which backend runs an op: auto selection, ``use_backend``, ``SPA_KERNELS_BACKEND``, explicit names.
+
+Precedence (DESIGN.md section 2 and ``spa_kernels._backend``): an explicit
+``backend=`` argument, then the innermost ``use_backend`` block, then the
+environment variable, then auto (fastest available: ``cpu`` before
+``reference`` on CPU; never the Triton interpreter).  An explicitly asked-for
+backend that cannot run raises; auto falls back silently.
+
+Spy backends (the reference, recording every call) are put into the registry
+under the names ``cpu`` and ``triton``, so the policy is tested whatever is
+built on this machine; the last tests check the real registry.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from _linear_cases import recording_backend_calls
+
+import spa_kernels
+from spa_kernels import _backend, reference
+
+
+class SpyBackend:
+    """The reference backend under another name, recording forward and backward calls."""
+
+    def __init__(self, name: str, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16)):
+        self.name = name
+        self.dtypes = dtypes
+        self.calls: list[str] = []
+
+    def is_available(self, device_type, dtype):
+        return device_type == "cpu" and (dtype is None or dtype in self.dtypes)
+
+    def splora_linear_forward(self, *args):
+        self.calls.append("forward")
+        return reference.splora_linear_forward(*args)
+
+    def splora_linear_backward(self, *args):
+        self.calls.append("backward")
+        return reference.splora_linear_backward(*args)
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Spy ``cpu`` and ``triton`` backends in the registry (restored afterwards)."""
+    monkeypatch.delenv(_backend.ENV_VARIABLE, raising=False)
+    installed = {name: SpyBackend(name) for name in ("cpu", "triton")}
+    for name, spy in installed.items():
+        monkeypatch.setitem(_backend._REGISTRY, name, spy)
+    return installed
+
+
+def run(backend=None, dtype=torch.float32, backward=True) -> list[str]:
+    """Run a small splora_linear (and its backward); return the backend names the op layer used."""
+    x = torch.randn(3, 5, dtype=dtype, requires_grad=backward)
+    weight = torch.randn(4, 5, dtype=dtype)
+    lora_a = torch.randn(2, 5, dtype=dtype)
+    lora_b = torch.randn(4, 2, dtype=dtype)
+    with recording_backend_calls() as calls:
+        y = spa_kernels.splora_linear(x, weight, lora_a, lora_b, in_idx=torch.tensor([1, 3]), backend=backend)
+        if backward:
+            y.sum().backward()
+    return calls
+
+
+# --------------------------------------------------------------------------- auto
+
+
+def test_auto_prefers_cpu_over_reference(spies):
+    assert run() == ["cpu", "cpu"]
+    assert run(backend="auto") == ["cpu", "cpu"]
+    assert spies["cpu"].calls == ["forward", "backward"] * 2
+    assert spies["triton"].calls == []
+
+
+def test_auto_never_picks_the_triton_interpreter_on_cpu(spies, monkeypatch):
+    monkeypatch.delitem(_backend._REGISTRY, "cpu")
+    assert run() == ["reference", "reference"]
+    assert spies["triton"].calls == []
+
+
+def test_auto_falls_back_silently_for_an_unsupported_dtype(spies, caplog):
+    spies["cpu"].dtypes = (torch.float32,)
+    caplog.set_level(logging.DEBUG, logger="spa_kernels")
+    assert run(dtype=torch.float64) == ["reference", "reference"]
+    assert any("cpu" in record.getMessage() for record in caplog.records), "auto fell back without a debug log"
+    assert run(dtype=torch.float32) == ["cpu", "cpu"]
+
+
+def test_auto_without_cpu_build_uses_reference(spies, monkeypatch):
+    monkeypatch.delitem(_backend._REGISTRY, "cpu")
+    monkeypatch.delitem(_backend._REGISTRY, "triton")
+    assert run() == ["reference", "reference"]
+    assert spa_kernels.backends("cpu") == ["reference"]
+
+
+def test_backends_lists_what_can_run(spies):
+    assert spa_kernels.backends("cpu") == ["reference", "cpu", "triton"]
+    assert spa_kernels.backends(torch.device("cpu")) == ["reference", "cpu", "triton"]
+    assert "cpu" not in spa_kernels.backends("cuda")  # the spies run on CPU only
+    assert "reference" in spa_kernels.backends("cuda")  # plain PyTorch runs anywhere
+
+
+# --------------------------------------------------------------------------- use_backend
+
+
+def test_use_backend_forces_forward_and_backward(spies):
+    with spa_kernels.use_backend("triton"):
+        assert run() == ["triton", "triton"]
+    assert spies["triton"].calls == ["forward", "backward"]
+    assert run() == ["cpu", "cpu"], "use_backend leaked out of its block"
+
+
+def test_use_backend_nesting_restores_the_outer_choice(spies):
+    with spa_kernels.use_backend("triton"):
+        with spa_kernels.use_backend("reference"):
+            assert run() == ["reference", "reference"]
+            with spa_kernels.use_backend("auto"):
+                assert run() == ["cpu", "cpu"]
+            assert run() == ["reference", "reference"]
+        assert run() == ["triton", "triton"]
+    assert run() == ["cpu", "cpu"]
+
+
+def test_use_backend_restores_after_an_exception(spies):
+    with pytest.raises(RuntimeError, match="inside"), spa_kernels.use_backend("triton"):
+        raise RuntimeError("inside")
+    assert run() == ["cpu", "cpu"]
+
+
+def test_backward_runs_on_the_forward_backend(spies):
+    """The backend is fixed when the forward runs; leaving the block does not change the backward."""
+    x = torch.randn(3, 5, requires_grad=True)
+    with recording_backend_calls() as calls:
+        with spa_kernels.use_backend("triton"):
+            y = spa_kernels.splora_linear(x, torch.randn(4, 5))
+        y.sum().backward()
+    assert calls == ["triton", "triton"]
+
+
+def test_use_backend_is_honoured_by_compiled_code(spies):
+    """A compiled caller re-selects when the use_backend stack changes (no stale graph)."""
+    torch._dynamo.reset()
+    x, weight = torch.randn(3, 5), torch.randn(4, 5)
+    compiled = torch.compile(lambda x, w: spa_kernels.splora_linear(x, w), fullgraph=True, backend="aot_eager")
+    with recording_backend_calls() as calls:
+        compiled(x, weight)
+        with spa_kernels.use_backend("triton"):
+            compiled(x, weight)
+        compiled(x, weight)
+    assert calls == ["cpu", "triton", "cpu"]
+
+
+# --------------------------------------------------------------------------- environment and precedence
+
+
+@pytest.mark.parametrize(("value", "expected"), [("triton", "triton"), ("  Reference \n", "reference"),
+                                                 ("auto", "cpu"), ("", "cpu")])
+def test_environment_variable_sets_the_default(spies, monkeypatch, value, expected):
+    monkeypatch.setenv("SPA_KERNELS_BACKEND", value)
+    assert run() == [expected, expected]
+
+
+def test_precedence_explicit_then_use_backend_then_environment(spies, monkeypatch):
+    monkeypatch.setenv("SPA_KERNELS_BACKEND", "triton")
+    assert run() == ["triton", "triton"]
+    with spa_kernels.use_backend("reference"):
+        assert run() == ["reference", "reference"], "use_backend must win over the environment"
+        assert run(backend="cpu") == ["cpu", "cpu"], "an explicit backend= must win over use_backend"
+    assert run(backend="cpu") == ["cpu", "cpu"], "an explicit backend= must win over the environment"
+
+
+def test_explicit_backend_that_cannot_run_raises(spies):
+    spies["triton"].dtypes = (torch.float32,)
+    with pytest.raises(ValueError, match="backend='triton'"):
+        run(backend="triton", dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend='triton'"), spa_kernels.use_backend("triton"):
+        run(dtype=torch.float64)
+    assert spies["triton"].calls == []
+
+
+def test_environment_backend_that_cannot_run_raises(spies, monkeypatch):
+    monkeypatch.delitem(_backend._REGISTRY, "triton")
+    monkeypatch.setenv("SPA_KERNELS_BACKEND", "triton")
+    with pytest.raises(ValueError, match="triton"):
+        run()
+
+
+# --------------------------------------------------------------------------- the real registry
+
+
+def test_reference_is_always_available():
+    assert "reference" in spa_kernels.backends("cpu")
+    assert spa_kernels.backends("cpu")[0] == "reference"
+
+
+def test_auto_picks_cpu_when_built_else_reference(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VARIABLE, raising=False)
+    built = spa_kernels.cpu.BUILT
+    assert ("cpu" in spa_kernels.backends("cpu")) == built, spa_kernels.cpu.BUILD_ERROR
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        expected = "cpu" if built and spa_kernels.cpu.is_available("cpu", dtype) else "reference"
+        assert run(dtype=dtype) == [expected, expected], f"auto for {dtype}"
+
+
+@pytest.mark.parametrize("backend", spa_kernels.backends("cpu"))
+def test_explicit_backend_runs_that_backend(backend, monkeypatch):
+    monkeypatch.setenv("SPA_KERNELS_BACKEND", "reference" if backend != "reference" else "auto")
+    assert run(backend=backend) == [backend, backend]
