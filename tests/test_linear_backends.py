@@ -200,3 +200,17 @@ def test_backend_stride_zero_inputs(backend):
         results[name] = {"y": y.detach(), **dict(zip(("x", "lora_a", "lora_b", "bias"), grads, strict=True))}
     expected = {k: v.double() for k, v in results["copies"].items()}
     check_results(f"{backend}[stride-0]", results["expanded"], expected, torch.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_backend_thread_counts(backend, threads):
+    """Work split over 1 thread and over an odd number of threads (more than the cores here)."""
+    if backend != "cpu":
+        pytest.skip("thread count applies to the cpu backend (torch.get_num_threads)")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_named(backend, "big-keep0.5-weight-grad", torch.float32)
+        _check_named(backend, "big-primes-noncontiguous", torch.bfloat16)
+    finally:
+        torch.set_num_threads(previous)

@@ -122,7 +122,7 @@ def test_bad_input_raises_naming_the_argument(case_name):
 
 @pytest.mark.parametrize(
     ("backend", "error"),
-    [("gpu", ValueError), ("", ValueError), ("Reference ", ValueError), (3, TypeError), (["cpu"], TypeError)],
+    [("gpu", ValueError), ("", ValueError), ("nvidia", ValueError), (3, TypeError), (["cpu"], TypeError)],
 )
 def test_unknown_backend_name_raises(backend, error):
     with recording_backend_calls() as calls, pytest.raises(error, match="backend"):
