@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from typing import Iterator, Protocol
 
 import torch
@@ -40,9 +41,16 @@ class Backend(Protocol):
 
 
 _REGISTRY: dict[str, Backend] = {}
-# Stack of use_backend() choices.  A plain list rather than a ContextVar so
-# torch.compile can trace the lookup without a graph break.
-_FORCED: list[str] = []
+# Per-thread stack of use_backend() choices.  threading.local rather than a
+# ContextVar because torch.compile can trace (and guard on) its lookup.
+_LOCAL = threading.local()
+
+
+def _forced_stack() -> list[str]:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    return stack
 
 
 def register_backend(backend: Backend) -> None:
@@ -75,18 +83,20 @@ def backends(device: str | torch.device = "cpu") -> list[str]:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run every op in the ``with`` block on backend ``name`` (or ``"auto"``)."""
-    _FORCED.append(_check_name(name))
+    stack = _forced_stack()
+    stack.append(_check_name(name))
     try:
         yield
     finally:
-        _FORCED.pop()
+        stack.pop()
 
 
 def _requested(backend: str | None) -> str:
     if backend is not None and backend != "auto":
         return _check_name(backend)
-    if _FORCED:
-        return _FORCED[-1]
+    forced = getattr(_LOCAL, "stack", ())
+    if forced:
+        return forced[-1]
     from_env = os.environ.get(ENV_VARIABLE)
     if from_env:
         return _check_name(from_env.strip().lower(), ENV_VARIABLE)
@@ -109,7 +119,8 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> Ba
         impl = _REGISTRY.get(candidate)
         if impl is not None and impl.is_available(device.type, dtype):
             return impl
-        logger.debug("auto backend: %s unavailable for %s/%s", candidate, device.type, dtype)
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace logging calls
+            logger.debug("auto backend: %s unavailable for %s/%s", candidate, device.type, dtype)
     return _REGISTRY["reference"]
 
 

@@ -213,12 +213,6 @@ def test_explicit_backend_runs_that_backend(backend, monkeypatch):
     assert run(backend=backend) == [backend, backend]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="use_backend keeps one process-wide stack (_backend._FORCED, a list since a0656e5): "
-    "a block entered in one thread forces the backend of every other thread, and interleaved "
-    "exits pop each other's entries",
-)
 def test_use_backend_is_local_to_its_thread(spies):
     entered, release = threading.Event(), threading.Event()
 
