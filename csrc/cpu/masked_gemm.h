@@ -53,15 +53,18 @@ struct GatherMatrix {
 };
 
 // Copies logical rows [i0, i0+ni) x columns [j0, j0+nj) of `g` into
-// dst[j * lanes + i], zero-padding lanes ni..lanes-1.
+// micro-panels of `lanes` rows: row i, column j goes to
+//     dst[(i / lanes) * nj * lanes + j * lanes + i % lanes],
+// and the last panel is zero-padded to a whole number of lanes.
 template <typename S, typename T>
 void pack_block(const GatherMatrix<S>& g, int64_t i0, int64_t ni, int64_t j0, int64_t nj, int lanes,
                 T* dst) {
+  const int64_t panel_stride = nj * lanes;
   if (!g.transposed) {
     // Logical row = storage row: walk along it.
     for (int64_t i = 0; i < ni; ++i) {
       const S* src = g.data + g.row(i0 + i) * g.ld;
-      T* out = dst + i;
+      T* out = dst + (i / lanes) * panel_stride + i % lanes;
       if (g.col_idx) {
         const int64_t* cols = g.col_idx + j0;
         for (int64_t j = 0; j < nj; ++j) out[j * lanes] = static_cast<T>(src[cols[j]]);
@@ -70,20 +73,27 @@ void pack_block(const GatherMatrix<S>& g, int64_t i0, int64_t ni, int64_t j0, in
       }
     }
   } else {
-    // Logical column = storage row: walk along storage rows, write lanes contiguously.
+    // Logical column = storage row: read each storage row once for all the
+    // block's lanes (good locality when it is far from the next row).
     for (int64_t j = 0; j < nj; ++j) {
       const S* src = g.data + g.row(j0 + j) * g.ld;
-      T* out = dst + j * lanes;
-      if (g.col_idx) {
-        const int64_t* cols = g.col_idx + i0;
-        for (int64_t i = 0; i < ni; ++i) out[i] = static_cast<T>(src[cols[i]]);
-      } else {
-        for (int64_t i = 0; i < ni; ++i) out[i] = static_cast<T>(src[i0 + i]);
+      for (int64_t p0 = 0; p0 < ni; p0 += lanes) {
+        T* out = dst + (p0 / lanes) * panel_stride + j * lanes;
+        const int64_t n = std::min<int64_t>(lanes, ni - p0);
+        if (g.col_idx) {
+          const int64_t* cols = g.col_idx + i0 + p0;
+          for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(src[cols[i]]);
+        } else {
+          const S* row = src + i0 + p0;
+          for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(row[i]);
+        }
       }
     }
   }
-  if (ni < lanes) {
-    for (int64_t j = 0; j < nj; ++j) std::fill(dst + j * lanes + ni, dst + (j + 1) * lanes, T(0));
+  const int64_t tail = ni % lanes;
+  if (tail != 0) {
+    T* last = dst + (ni / lanes) * panel_stride;
+    for (int64_t j = 0; j < nj; ++j) std::fill(last + j * lanes + tail, last + (j + 1) * lanes, T(0));
   }
 }
 
@@ -194,10 +204,7 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const Operand
         if (K == 0) std::memset(c.get(), 0, sizeof(T) * (kMC * ldc));
         for (int64_t pc = 0; pc < K; pc += kKC) {
           const int64_t kc = std::min(kKC, K - pc);
-          for (int64_t ip = 0; ip < row_panels; ++ip) {
-            const int64_t r0 = ip * mr;
-            a.pack(mb + r0, std::min<int64_t>(mr, rows - r0), pc, kc, mr, packed_a.get() + ip * kc * mr);
-          }
+          a.pack(mb, rows, pc, kc, mr, packed_a.get());
           auto run_panel = [&](int64_t jp, T* cp) {
             const T* bp = packed_b.get() + jp * K * nr + pc * nr;
             for (int64_t ip = 0; ip < row_panels; ++ip) {
