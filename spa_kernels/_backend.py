@@ -103,8 +103,18 @@ def _requested(backend: str | None) -> str:
     return _check_name(backend or "auto")
 
 
-def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs an op on tensors of ``device`` and ``dtype``."""
+def _implements(impl: Backend, op: str) -> bool:
+    return hasattr(impl, f"{op}_forward") and hasattr(impl, f"{op}_backward")
+
+
+def resolve(
+    backend: str | None, device: torch.device, dtype: torch.dtype, op: str = "splora_linear"
+) -> Backend:
+    """The backend that runs ``op`` on tensors of ``device`` and ``dtype``.
+
+    A backend runs an op when it is available for the device and dtype and
+    implements ``<op>_forward`` and ``<op>_backward``.
+    """
     name = _requested(backend)
     if name != "auto":
         impl = _REGISTRY.get(name)
@@ -114,13 +124,15 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> Ba
                 f"usable here: {backends(device)}"
                 + (" (the compiled extension is not built)" if name == "cpu" and impl is None else "")
             )
+        if not _implements(impl, op):
+            raise ValueError(f"backend={name!r} does not implement {op}")
         return impl
     for candidate in AUTO_PREFERENCE.get(device.type, ("reference",)):
         impl = _REGISTRY.get(candidate)
-        if impl is not None and impl.is_available(device.type, dtype):
+        if impl is not None and impl.is_available(device.type, dtype) and _implements(impl, op):
             return impl
         if not torch.compiler.is_compiling():  # Dynamo cannot trace logging calls
-            logger.debug("auto backend: %s unavailable for %s/%s", candidate, device.type, dtype)
+            logger.debug("auto backend: %s cannot run %s for %s/%s", candidate, op, device.type, dtype)
     return _REGISTRY["reference"]
 
 
