@@ -119,6 +119,9 @@ struct LowRankTerm {
   GatherMatrix<S> inner;
   GatherMatrix<S> outer;
   int64_t rank = 0;
+  // `inner` covers depth [0, inner_depth) of A and is zero beyond (a
+  // convolution's adapter sees only the centre tap, ordered first); -1 = all.
+  int64_t inner_depth = -1;
   T scale = T(1);
   T* save = nullptr;
 };
@@ -149,10 +152,12 @@ inline int gemm_threads() {
 // C = A(M x K) * B(N x K)^T [+ low-rank term], row by row into
 // `finalize(i, c_row, n0, n1, thread)`, where c_row holds C[i, n0:n1]
 // (writable scratch; callers may scale it in place).  Rows are split between
-// threads when there are enough of them, else columns.
-template <typename T, typename SA, typename SB, typename Finalize>
-void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const Operand<SA>& a, const Operand<SB>& b,
-                 Finalize&& finalize, int num_threads, const LowRankTerm<SB, T>* low_rank = nullptr) {
+// threads when there are enough of them, else columns.  A and B are any
+// operands with a `depth` and `pack(i0, ni, k0, kc, lanes, dst)` that writes
+// micro-panels like pack_block.
+template <typename T, typename OpA, typename OpB, typename Finalize, typename SL = float>
+void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a, const OpB& b,
+                 Finalize&& finalize, int num_threads, const LowRankTerm<SL, T>* low_rank = nullptr) {
   const int64_t K = a.depth;
   if (M <= 0 || N <= 0) return;
   const int mr = kern.mr, nr = kern.nr;
@@ -160,6 +165,7 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const Operand
   const int64_t m_panels = (M + mr - 1) / mr;
   const int64_t rank = low_rank ? low_rank->rank : 0;
   const int64_t rank_panels = (rank + nr - 1) / nr;
+  const int64_t inner_depth = low_rank && low_rank->inner_depth >= 0 ? std::min(low_rank->inner_depth, K) : K;
   const int64_t k_alloc = std::max<int64_t>(K, 1);
 
   // B, the low-rank inner factor (as extra panels after B's) and outer factor.
@@ -169,11 +175,13 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const Operand
   for (int64_t jp = 0; jp < n_panels + rank_panels; ++jp) {
     if (jp < n_panels) {
       const int64_t n0 = jp * nr, nn = std::min<int64_t>(nr, N - n0);
-      pack_block(b.matrix, n0, nn, 0, K, nr, packed_b.get() + jp * K * nr);
+      b.pack(n0, nn, 0, K, nr, packed_b.get() + jp * K * nr);
       if (rank > 0) pack_block(low_rank->outer, n0, nn, 0, rank, nr, packed_outer.get() + jp * rank * nr);
     } else {
       const int64_t j0 = (jp - n_panels) * nr;
-      pack_block(low_rank->inner, j0, std::min<int64_t>(nr, rank - j0), 0, K, nr, packed_b.get() + jp * K * nr);
+      T* panel = packed_b.get() + jp * K * nr;
+      pack_block(low_rank->inner, j0, std::min<int64_t>(nr, rank - j0), 0, inner_depth, nr, panel);
+      std::fill(panel + inner_depth * nr, panel + K * nr, T(0));
     }
   }
 
@@ -212,7 +220,11 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const Operand
             }
           };
           for (int64_t jp = p_begin; jp < p_end; ++jp) run_panel(jp, c.get() + (jp - p_begin) * nr);
-          for (int64_t lp = 0; lp < rank_panels; ++lp) run_panel(n_panels + lp, c.get() + rank_col + lp * nr);
+          // Rank columns: the first block writes them (zeros past inner_depth
+          // keep them exact); later blocks past inner_depth add nothing.
+          if (pc == 0 || pc < inner_depth) {
+            for (int64_t lp = 0; lp < rank_panels; ++lp) run_panel(n_panels + lp, c.get() + rank_col + lp * nr);
+          }
         }
         if (rank > 0) {
           // The rank-r product of these rows becomes the depth of one more block.

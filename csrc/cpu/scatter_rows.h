@@ -31,8 +31,10 @@ inline IndexList index_list(const std::optional<at::Tensor>& idx, int64_t size, 
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous() && t.device().is_cpu(), name,
                     " must be a contiguous 1-D CPU tensor");
-  const int64_t* p = t.data_ptr<int64_t>();
   const int64_t n = t.numel();
+  // An empty tensor may have no storage; a null ptr would read as "all active".
+  static const int64_t kNone = 0;
+  const int64_t* p = n > 0 ? t.data_ptr<int64_t>() : &kNone;
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK_INDEX(p[i] >= 0 && p[i] < size, name, "[", i, "] = ", p[i], " is outside [0, ", size, ")");
     TORCH_CHECK_VALUE(i == 0 || p[i] > p[i - 1], name, " must be strictly increasing");

@@ -60,3 +60,46 @@ def splora_linear_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx,
             grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, list(output_mask)
         )
     )
+
+
+def _fused_groups_only(groups: int) -> None:
+    if groups != 1:
+        raise ValueError(f"the cpu backend runs convolutions with groups=1 only, got groups={groups}")
+
+
+def splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, stride, padding, dilation, groups):
+    _fused_groups_only(groups)
+    return torch.ops.spa_kernels_cpu.conv_forward(
+        x, weight, lora_a, lora_b, None, bias, in_idx, out_idx, scale, list(stride), list(padding), list(dilation)
+    )
+
+
+def splora_conv_backward(
+    grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, stride, padding, dilation, groups, output_mask
+):
+    _fused_groups_only(groups)
+    need_x, need_w, need_a, need_b, need_bias = output_mask
+    grads = torch.ops.spa_kernels_cpu.conv_backward(
+        grad_out, x, weight, lora_a, lora_b, None, in_idx, out_idx, scale,
+        list(stride), list(padding), list(dilation), [need_x, need_w, need_a, need_b, False, need_bias],
+    )
+    grad_x, grad_w, grad_a, grad_b, _, grad_bias = grads
+    return grad_x, grad_w, grad_a, grad_b, grad_bias
+
+
+def sppara_conv_forward(x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups):
+    _fused_groups_only(groups)
+    return torch.ops.spa_kernels_cpu.conv_forward(
+        x, weight, None, None, adapter, bias, in_idx, out_idx, 1.0, list(stride), list(padding), list(dilation)
+    )
+
+
+def sppara_conv_backward(grad_out, x, weight, adapter, in_idx, out_idx, stride, padding, dilation, groups, output_mask):
+    _fused_groups_only(groups)
+    need_x, need_w, need_p, need_bias = output_mask
+    grads = torch.ops.spa_kernels_cpu.conv_backward(
+        grad_out, x, weight, None, None, adapter, in_idx, out_idx, 1.0,
+        list(stride), list(padding), list(dilation), [need_x, need_w, False, False, need_p, need_bias],
+    )
+    grad_x, grad_w, _, _, grad_p, grad_bias = grads
+    return grad_x, grad_w, grad_p, grad_bias

@@ -1,0 +1,417 @@
+// Masked SPLoRA / SPPaRA convolutions (1-D, 2-D, 3-D) on the CPU.
+//
+// Forward, per output position m and active output channel o:
+//   y[m, o] = b_o + sum_{c in S, taps} W[o, c, tap] x[patch(m, tap), c]
+//           + s * sum_j B[o, j] t[m, j],      t = x_centre,S A_S^T   (SPLoRA)
+//           + sum_{c in S} P[o, c] x[centre(m), c]                   (SPPaRA)
+// as an implicit GEMM whose depth runs over (active channel, tap) with the
+// centre taps first, so the adapter's rank-r product reads only the first |S|
+// depth entries (LowRankTerm::inner_depth) and P is added while packing the
+// centre taps.  The input gradient is the same GEMM over input positions with
+// strided taps (PatchGeometry::div); the parameter gradients are GEMMs summed
+// over output positions.  Only active channels are gathered or multiplied.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "conv_operands.h"
+#include "isa.h"
+#include "masked_gemm.h"
+#include "scatter_rows.h"
+
+namespace spa_kernels::cpu {
+namespace {
+
+// Shapes of one call, spatial dimensions padded to three.
+struct ConvShapes {
+  int64_t N, C_in, C_out, rank;
+  int64_t in[3] = {1, 1, 1}, out[3] = {1, 1, 1}, k[3] = {1, 1, 1};
+  int64_t stride[3] = {1, 1, 1}, pad[3] = {0, 0, 0}, dil[3] = {1, 1, 1};
+  int64_t taps = 1, centre = 0;
+  IndexList S, O;
+
+  int64_t in_plane() const { return in[0] * in[1] * in[2]; }
+  int64_t out_plane() const { return out[0] * out[1] * out[2]; }
+  // Tap t's offset along dimension d, in input coordinates.
+  int64_t tap_offset(int64_t t, int d) const {
+    const int64_t coord[3] = {t / (k[1] * k[2]), (t / k[2]) % k[1], t % k[2]};
+    return coord[d] * dil[d] - pad[d];
+  }
+};
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D, got ", t.dim(), "-D");
+  TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have the dtype of x");
+}
+
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+ConvShapes check_conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& lora_a,
+                      const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& adapter,
+                      const std::optional<at::Tensor>& in_idx, const std::optional<at::Tensor>& out_idx,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t d = x.dim() - 2;
+  TORCH_CHECK_VALUE(d >= 1 && d <= 3, "x must be 3-, 4- or 5-D, got ", x.dim(), "-D");
+  check_tensor(x, "x", x, d + 2);
+  check_tensor(weight, "weight", x, d + 2);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(stride.size()) == d && static_cast<int64_t>(padding.size()) == d &&
+                        static_cast<int64_t>(dilation.size()) == d,
+                    "stride, padding and dilation must have ", d, " entries");
+  ConvShapes s{x.size(0), x.size(1), weight.size(0), 0};
+  TORCH_CHECK_VALUE(weight.size(1) == s.C_in, "weight must have ", s.C_in, " input channels (groups = 1)");
+  for (int64_t i = 0; i < d; ++i) {
+    const int64_t j = 3 - d + i;
+    s.in[j] = x.size(2 + i);
+    s.k[j] = weight.size(2 + i);
+    s.stride[j] = stride[i];
+    s.pad[j] = padding[i];
+    s.dil[j] = dilation[i];
+    TORCH_CHECK_VALUE(s.k[j] % 2 == 1, "kernel sizes must be odd, got ", weight.sizes());
+    TORCH_CHECK_VALUE(s.stride[j] >= 1 && s.dil[j] >= 1 && s.pad[j] >= 0, "invalid stride/padding/dilation");
+    s.out[j] = (s.in[j] + 2 * s.pad[j] - s.dil[j] * (s.k[j] - 1) - 1) / s.stride[j] + 1;
+    TORCH_CHECK_VALUE(s.out[j] >= 1, "input is too small for the kernel");
+  }
+  s.taps = s.k[0] * s.k[1] * s.k[2];
+  s.centre = ((s.k[0] / 2) * s.k[1] + s.k[1] / 2) * s.k[2] + s.k[2] / 2;
+  TORCH_CHECK_VALUE(present(lora_a) == present(lora_b), "lora_a and lora_b must be given together");
+  if (present(lora_a)) {
+    check_tensor(*lora_a, "lora_a", x, 2);
+    check_tensor(*lora_b, "lora_b", x, 2);
+    s.rank = lora_a->size(0);
+    TORCH_CHECK_VALUE(s.rank > 0 && lora_a->size(1) == s.C_in, "lora_a must be (r, C_in) with r >= 1");
+    TORCH_CHECK_VALUE(lora_b->size(0) == s.C_out && lora_b->size(1) == s.rank, "lora_b must be (C_out, r)");
+  }
+  if (present(adapter)) {
+    check_tensor(*adapter, "adapter", x, 2);
+    TORCH_CHECK_VALUE(adapter->size(0) == s.C_out && adapter->size(1) == s.C_in, "adapter must be (C_out, C_in)");
+  }
+  s.S = index_list(in_idx, s.C_in, "in_idx");
+  s.O = index_list(out_idx, s.C_out, "out_idx");
+  return s;
+}
+
+int64_t at_list(IndexList l, int64_t i) { return l.ptr ? l.ptr[i] : i; }
+
+// Depth entries (list index, tap) over `count` channels, centre taps first.
+void centre_first(const ConvShapes& s, int64_t count, std::vector<int64_t>& index, std::vector<int64_t>& tap) {
+  for (int64_t c = 0; c < count; ++c) index.push_back(c), tap.push_back(s.centre);
+  for (int64_t c = 0; c < count; ++c) {
+    for (int64_t t = 0; t < s.taps; ++t) {
+      if (t != s.centre) index.push_back(c), tap.push_back(t);
+    }
+  }
+}
+
+// Clears the planes of channels outside `active` in an (N, C, plane) tensor.
+template <typename S>
+void clear_inactive_planes(S* out, int64_t N, int64_t C, int64_t plane, IndexList active) {
+  if (!active.ptr) return;
+  std::vector<bool> on(C, false);
+  for (int64_t i = 0; i < active.count; ++i) on[active.ptr[i]] = true;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      if (!on[c]) std::fill(out + (n * C + c) * plane, out + (n * C + c + 1) * plane, S(0));
+    }
+  }
+}
+
+// Patch operand over x for output positions: the given depth entries.
+template <typename S>
+PatchOperand<S> input_patches(const S* x, const ConvShapes& s, const PatchTaps& taps) {
+  PatchOperand<S> op;
+  op.data = x;
+  op.g.batch = s.N;
+  op.g.channels = s.C_in;
+  for (int d = 0; d < 3; ++d) {
+    op.g.grid[d] = s.out[d];
+    op.g.src[d] = s.in[d];
+    op.g.mul[d] = s.stride[d];
+  }
+  op.taps = &taps;
+  op.depth = taps.size();
+  return op;
+}
+
+PatchTaps input_taps(const ConvShapes& s, const std::vector<int64_t>& index, const std::vector<int64_t>& tap) {
+  PatchTaps taps;
+  for (size_t i = 0; i < index.size(); ++i) {
+    const int64_t off[3] = {s.tap_offset(tap[i], 0), s.tap_offset(tap[i], 1), s.tap_offset(tap[i], 2)};
+    taps.add(at_list(s.S, index[i]), off);
+  }
+  return taps;
+}
+
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& lora_a,
+                        const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& adapter,
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_idx,
+                        const std::optional<at::Tensor>& out_idx, double scale, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const ConvShapes s = check_conv(x, weight, lora_a, lora_b, adapter, in_idx, out_idx, stride, padding, dilation);
+  if (present(bias)) {
+    check_tensor(*bias, "bias", x, 1);
+    TORCH_CHECK_VALUE(bias->size(0) == s.C_out, "bias must have ", s.C_out, " entries");
+  }
+  std::vector<int64_t> out_shape{s.N, s.C_out};
+  for (int64_t i = 0; i < x.dim() - 2; ++i) out_shape.push_back(s.out[3 - (x.dim() - 2) + i]);
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (s.N == 0) return y;
+  if (s.O.count == 0) return y.zero_();
+  const int threads = gemm_threads();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_forward", [&] {
+    using S = scalar_t;
+    using T = acc_t<S>;
+    std::vector<int64_t> kk_index, kk_tap;
+    centre_first(s, s.S.count, kk_index, kk_tap);
+    const PatchTaps taps = input_taps(s, kk_index, kk_tap);
+    const PatchOperand<S> a = input_patches(x.data_ptr<S>(), s, taps);
+    TapWeights<S> b;
+    b.w = weight.data_ptr<S>();
+    b.in_channels = s.C_in;
+    b.taps = s.taps;
+    b.centre = s.centre;
+    b.out_idx = s.O.ptr;
+    b.in_idx = s.S.ptr;
+    b.kk_index = kk_index.data();
+    b.kk_tap = kk_tap.data();
+    b.centre_add = present(adapter) ? adapter->data_ptr<S>() : nullptr;
+    b.depth = taps.size();
+    LowRankTerm<S, T> low_rank;
+    if (s.rank > 0) {
+      low_rank.inner = {lora_a->data_ptr<S>(), s.C_in, nullptr, s.S.ptr, false};  // (j, kk<|S|) = A[j, S[kk]]
+      low_rank.outer = {lora_b->data_ptr<S>(), s.rank, s.O.ptr, nullptr, false};  // (o, j) = B[O[o], j]
+      low_rank.rank = s.rank;
+      low_rank.inner_depth = s.S.count;
+      low_rank.scale = T(scale);
+    }
+    std::vector<T> bias_active;
+    if (present(bias)) {
+      for (int64_t o = 0; o < s.O.count; ++o) bias_active.push_back(static_cast<T>(bias->data_ptr<S>()[at_list(s.O, o)]));
+    }
+    S* yp = y.data_ptr<S>();
+    clear_inactive_planes(yp, s.N, s.C_out, s.out_plane(), s.O);
+    const PlaneWriter<S, T> writer{yp, s.C_out, s.out_plane(), s.O.ptr, bias_active.empty() ? nullptr : bias_active.data()};
+    masked_gemm<T>(kernels_for<T>(), s.N * s.out_plane(), s.O.count, a, b, writer, threads,
+                   s.rank > 0 ? &low_rank : nullptr);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+    const std::optional<at::Tensor>& adapter, const std::optional<at::Tensor>& in_idx,
+    const std::optional<at::Tensor>& out_idx, double scale, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, std::array<bool, 6> output_mask) {
+  const ConvShapes s = check_conv(x, weight, lora_a, lora_b, adapter, in_idx, out_idx, stride, padding, dilation);
+  TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(0) == s.N && grad_out.size(1) == s.C_out &&
+                        grad_out.numel() == s.N * s.C_out * s.out_plane() && grad_out.is_contiguous() &&
+                        grad_out.scalar_type() == x.scalar_type(),
+                    "grad_out must be a contiguous tensor shaped like the output");
+  const auto [need_x, need_w, need_a_asked, need_b_asked, need_p_asked, need_bias] = output_mask;
+  const bool need_a = need_a_asked && s.rank > 0, need_b = need_b_asked && s.rank > 0;
+  const bool need_p = need_p_asked && present(adapter);
+  const int threads = gemm_threads();
+  const int64_t M = s.N * s.out_plane();
+  at::Tensor grad_x, grad_w, grad_a, grad_b, grad_p, grad_bias;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_backward", [&] {
+    using S = scalar_t;
+    using T = acc_t<S>;
+    const auto& kernels = kernels_for<T>();
+    const S* dy = grad_out.data_ptr<S>();
+    const S* xp = x.data_ptr<S>();
+    const std::vector<uint8_t> in_bits = active_bits(s.S, s.C_in);
+    std::vector<T> scratch;
+    // dy as rows of active output channels over all output positions.
+    const ChannelRows<S> dy_rows{dy, s.C_out, s.out_plane(), s.O.ptr, M};
+    // x at the centre tap of every output position, one depth entry per active input channel.
+    std::vector<int64_t> centre_index, centre_tap;
+    for (int64_t c = 0; c < s.S.count; ++c) centre_index.push_back(c), centre_tap.push_back(s.centre);
+    const PatchTaps centre_taps = input_taps(s, centre_index, centre_tap);
+    PatchOperand<S> x_centre_columns = input_patches(xp, s, centre_taps);  // (c, m)
+    x_centre_columns.transposed = true;
+    x_centre_columns.depth = M;
+
+    if (need_x) {
+      grad_x = at::empty(x.sizes(), x.options());
+      S* gx = grad_x.data_ptr<S>();
+      clear_inactive_planes(gx, s.N, s.C_in, s.in_plane(), s.S);
+      if (s.S.count > 0) {
+        // Rows: input positions; depth: (active output channel, tap), centre first.
+        std::vector<int64_t> kk_index, kk_tap;
+        centre_first(s, s.O.count, kk_index, kk_tap);
+        PatchTaps taps;
+        for (size_t i = 0; i < kk_index.size(); ++i) {
+          const int64_t off[3] = {-s.tap_offset(kk_tap[i], 0), -s.tap_offset(kk_tap[i], 1),
+                                  -s.tap_offset(kk_tap[i], 2)};
+          taps.add(at_list(s.O, kk_index[i]), off);
+        }
+        PatchOperand<S> a;
+        a.data = dy;
+        a.g.batch = s.N;
+        a.g.channels = s.C_out;
+        for (int d = 0; d < 3; ++d) {
+          a.g.grid[d] = s.in[d];
+          a.g.src[d] = s.out[d];
+          a.g.div[d] = s.stride[d];
+        }
+        a.taps = &taps;
+        a.depth = taps.size();
+        TapWeights<S> b;
+        b.w = weight.data_ptr<S>();
+        b.in_channels = s.C_in;
+        b.taps = s.taps;
+        b.centre = s.centre;
+        b.out_idx = s.O.ptr;
+        b.in_idx = s.S.ptr;
+        b.kk_index = kk_index.data();
+        b.kk_tap = kk_tap.data();
+        b.centre_add = present(adapter) ? adapter->data_ptr<S>() : nullptr;
+        b.by_input = true;
+        b.depth = taps.size();
+        LowRankTerm<S, T> low_rank;
+        if (s.rank > 0) {
+          low_rank.inner = {lora_b->data_ptr<S>(), s.rank, s.O.ptr, nullptr, true};  // (j, kk<|O|) = B[O[kk], j]
+          low_rank.outer = {lora_a->data_ptr<S>(), s.C_in, nullptr, s.S.ptr, true};  // (c, j) = A[j, S[c]]
+          low_rank.rank = s.rank;
+          low_rank.inner_depth = s.O.count;
+          low_rank.scale = T(scale);
+        }
+        const PlaneWriter<S, T> writer{gx, s.C_in, s.in_plane(), s.S.ptr, nullptr};
+        masked_gemm<T>(kernels, s.N * s.in_plane(), s.S.count, a, b, writer, threads,
+                       s.rank > 0 ? &low_rank : nullptr);
+      }
+    }
+    if (need_a) {
+      grad_a = at::empty({s.rank, s.C_in}, x.options());
+      if (s.S.count == 0 || s.O.count == 0) {
+        grad_a.zero_();
+      } else {
+        // u = s * dy_O B_O over output positions, then dA_S = u^T x_centre,S.
+        AlignedBuffer<T> u(M * s.rank + kSlack);
+        PatchTaps identity;
+        for (int64_t o = 0; o < s.O.count; ++o) identity.add(at_list(s.O, o), {0, 0, 0});
+        PatchOperand<S> dy_positions;
+        dy_positions.data = dy;
+        dy_positions.g.batch = s.N;
+        dy_positions.g.channels = s.C_out;
+        for (int d = 0; d < 3; ++d) dy_positions.g.grid[d] = dy_positions.g.src[d] = s.out[d];
+        dy_positions.taps = &identity;
+        dy_positions.depth = s.O.count;
+        const Operand<S> b_active{{lora_b->data_ptr<S>(), s.rank, s.O.ptr, nullptr, true}, s.O.count};
+        masked_gemm<T>(kernels, M, s.rank, dy_positions, b_active, StoreDense<T>{u.get(), s.rank, T(scale)}, threads);
+        const Operand<T> u_columns{{u.get(), s.rank, nullptr, nullptr, true}, M};  // (j, m) = u[m, j]
+        auto writer = ScatterRows<S, T>{};
+        writer.kernels = &kernels;
+        writer.out = grad_a.data_ptr<S>();
+        writer.ld = s.C_in;
+        writer.positions = s.S;
+        writer.bits = in_bits.data();
+        writer.width = s.C_in;
+        if constexpr (!std::is_same_v<S, T>) {
+          writer.scratch_ld = s.C_in + kSlack;
+          scratch.assign(static_cast<size_t>(threads) * writer.scratch_ld, T(0));
+          writer.scratch = scratch.data();
+        }
+        masked_gemm<T>(kernels, s.rank, s.S.count, u_columns, x_centre_columns, writer, threads);
+      }
+    }
+    if (need_b || need_bias) {
+      // [dB_O | db_O] = dy_O^T [s t | 1] summed over output positions.
+      if (need_b) grad_b = at::zeros({s.C_out, s.rank}, x.options());
+      if (need_bias) grad_bias = at::zeros({s.C_out}, x.options());
+      const int64_t rank_b = need_b ? s.rank : 0, q = rank_b + (need_bias ? 1 : 0);
+      if (s.O.count > 0) {
+        AlignedBuffer<T> t_ones(M * q + kSlack);
+        if (need_b) {
+          PatchOperand<S> x_centre = x_centre_columns;
+          x_centre.transposed = false;
+          x_centre.depth = s.S.count;
+          const Operand<S> a_active{{lora_a->data_ptr<S>(), s.C_in, nullptr, s.S.ptr, false}, s.S.count};
+          masked_gemm<T>(kernels, M, s.rank, x_centre, a_active, StoreDense<T>{t_ones.get(), q, T(scale)}, threads);
+        }
+        if (need_bias) {
+          for (int64_t m = 0; m < M; ++m) t_ones.get()[m * q + rank_b] = T(1);
+        }
+        const Operand<T> b{{t_ones.get(), q, nullptr, nullptr, true}, M};
+        S* gb = need_b ? grad_b.data_ptr<S>() : nullptr;
+        S* gbias = need_bias ? grad_bias.data_ptr<S>() : nullptr;
+        auto writer = [&](int64_t o, T* c, int64_t n0, int64_t n1, int) {
+          const int64_t channel = at_list(s.O, o);
+          for (int64_t n = n0; n < n1; ++n) {
+            if (n < rank_b) {
+              gb[channel * s.rank + n] = static_cast<S>(c[n - n0]);
+            } else {
+              gbias[channel] = static_cast<S>(c[n - n0]);
+            }
+          }
+        };
+        masked_gemm<T>(kernels, s.O.count, q, dy_rows, b, writer, threads);
+      }
+    }
+    auto gradient_rows = [&](at::Tensor& grad, int64_t width, IndexList positions, const std::vector<uint8_t>& bits,
+                             const auto& columns) {
+      // grad[O[o], positions] = dy_O^T columns; rows outside O stay zero.
+      if (s.O.count == 0 || positions.count == 0) return;
+      ScatterRows<S, T> writer;
+      writer.kernels = &kernels;
+      writer.out = grad.data_ptr<S>();
+      writer.ld = width;
+      writer.row_idx = s.O.ptr;
+      writer.positions = positions;
+      writer.bits = bits.data();
+      writer.width = width;
+      if constexpr (!std::is_same_v<S, T>) {
+        writer.scratch_ld = width + kSlack;
+        scratch.assign(static_cast<size_t>(threads) * writer.scratch_ld, T(0));
+        writer.scratch = scratch.data();
+      }
+      masked_gemm<T>(kernels, s.O.count, positions.count, dy_rows, columns, writer, threads);
+    };
+    if (need_p) {
+      grad_p = at::zeros({s.C_out, s.C_in}, x.options());
+      gradient_rows(grad_p, s.C_in, s.S, in_bits, x_centre_columns);
+    }
+    if (need_w) {
+      grad_w = at::zeros(weight.sizes(), x.options());
+      // Natural (channel, tap) order, so weight columns S[c] * taps + tap increase.
+      std::vector<int64_t> kk_index, kk_tap, columns;
+      for (int64_t c = 0; c < s.S.count; ++c) {
+        for (int64_t t = 0; t < s.taps; ++t) {
+          kk_index.push_back(c), kk_tap.push_back(t), columns.push_back(at_list(s.S, c) * s.taps + t);
+        }
+      }
+      const PatchTaps taps = input_taps(s, kk_index, kk_tap);
+      PatchOperand<S> patches = input_patches(xp, s, taps);
+      patches.transposed = true;
+      patches.depth = M;
+      const IndexList positions{columns.data(), static_cast<int64_t>(columns.size())};
+      gradient_rows(grad_w, s.C_in * s.taps, positions, active_bits(positions, s.C_in * s.taps), patches);
+    }
+  });
+  return {grad_x, grad_w, grad_a, grad_b, grad_p, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(spa_kernels_cpu, m) {
+  m.def(
+      "conv_forward(Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? adapter, Tensor? bias, "
+      "Tensor? in_idx, Tensor? out_idx, float scale, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def(
+      "conv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? adapter, "
+      "Tensor? in_idx, Tensor? out_idx, float scale, int[] stride, int[] padding, int[] dilation, "
+      "bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(spa_kernels_cpu, CPU, m) {
+  m.impl("conv_forward", &conv_forward);
+  m.impl("conv_backward", &conv_backward);
+}
+
+}  // namespace spa_kernels::cpu
