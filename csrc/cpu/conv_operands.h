@@ -108,8 +108,32 @@ struct PatchOperand {
         for (int64_t i = 0; i < rows;) {
           const int64_t run = std::min(rows - i, g.grid[2] - p[2]);
           const S* image = data + n * g.channels * g.src_plane();
+          const bool plain = g.div[0] == 1 && g.div[1] == 1 && g.div[2] == 1;
+          const int64_t base0 = p[0] * g.mul[0], base1 = p[1] * g.mul[1], base2 = p[2] * g.mul[2];
+          const int64_t step = g.mul[2];
           for (int64_t kk = k0; kk < k0 + kc; ++kk) {
             T* out = panel + (kk - k0) * lanes + i;
+            if (plain) {
+              // Forward patches: coordinates are affine in the run, so an
+              // interior run is a strided copy with no per-element checks.
+              const int64_t s0 = base0 + taps->off[0][kk], s1 = base1 + taps->off[1][kk];
+              if (s0 < 0 || s0 >= g.src[0] || s1 < 0 || s1 >= g.src[1]) {
+                std::fill(out, out + run, T(0));
+                continue;
+              }
+              const S* line = image + (taps->channel[kk] * g.src[0] + s0) * g.src[1] * g.src[2] + s1 * g.src[2];
+              const int64_t first = base2 + taps->off[2][kk], last = first + (run - 1) * step;
+              if (first >= 0 && last < g.src[2]) {
+                const S* src = line + first;
+                for (int64_t r = 0; r < run; ++r) out[r] = static_cast<T>(src[r * step]);
+              } else {
+                for (int64_t r = 0; r < run; ++r) {
+                  const int64_t s2 = first + r * step;
+                  out[r] = (s2 >= 0 && s2 < g.src[2]) ? static_cast<T>(line[s2]) : T(0);
+                }
+              }
+              continue;
+            }
             const int64_t s0 = source_coordinate(p[0], g.mul[0], taps->off[0][kk], g.div[0], g.src[0]);
             const int64_t s1 = source_coordinate(p[1], g.mul[1], taps->off[1][kk], g.div[1], g.src[1]);
             if (s0 < 0 || s1 < 0) {
