@@ -10,9 +10,12 @@ import torch
 from torch import nn
 
 import spa_kernels
-from spa_kernels.nn import SPLoRALinear
+from spa_kernels import _backend
+from spa_kernels.nn import SPLoRAConv1d, SPLoRAConv2d, SPLoRALinear, SPPaRAConv2d
 
 BACKENDS = spa_kernels.backends("cpu")
+CONV_BACKENDS = [name for name in BACKENDS if _backend._implements(_backend.get(name), "splora_conv")
+                 and _backend._implements(_backend.get(name), "sppara_conv")]
 
 
 class Block(nn.Module):
@@ -171,3 +174,141 @@ def test_multihead_attention_and_linear_subclasses_are_left_alone(caplog):
 def test_convert_rejects_non_modules():
     with pytest.raises(TypeError, match="model"):
         spa_kernels.convert([nn.Linear(2, 2)])
+
+
+# ----------------------------------------------------------------------------- convolutions
+
+
+class SmallCNN(nn.Module):
+    """Conv-BatchNorm-ReLU blocks and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+        )
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def make_cnn() -> nn.Module:
+    model = SmallCNN()
+    with torch.no_grad():  # running statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def zero_adapters(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SPPaRAConv2d):
+                m.adapter.zero_()
+            elif hasattr(m, "adapter") and hasattr(m.adapter, "cols"):
+                m.adapter.cols.zero_()
+
+
+@pytest.mark.parametrize("conv_adapter, conv_type", [("splora", SPLoRAConv2d), ("sppara", SPPaRAConv2d)])
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_cnn_convs_and_linears_replaced_and_outputs_kept_at_zero_adapter(backend, conv_adapter, conv_type):
+    if backend == "triton" and conv_adapter == "sppara":
+        pytest.skip("the Triton interpreter is slow; the splora case covers the kernels' module path")
+    model = make_cnn()
+    converted = spa_kernels.convert(model, rank=4, backend=backend, conv_adapter=conv_adapter)
+    assert linear_names(converted, nn.Conv2d) == [] and linear_names(converted, nn.Linear) == []
+    assert linear_names(converted, conv_type) == linear_names(model, nn.Conv2d) == ["features.0", "features.3"]
+    assert linear_names(converted, SPLoRALinear) == ["head"]
+    assert type(converted.features[1]) is nn.BatchNorm2d
+    for name in ("features.0", "features.3"):
+        ours, original = converted.get_submodule(name), model.get_submodule(name)
+        assert torch.equal(ours.weight, original.weight) and ours.weight.requires_grad is False
+        assert ours.stride == original.stride and ours.padding == original.padding
+        assert ours.backend == backend and ours.training is False
+    if conv_adapter == "splora":
+        assert converted.features[0].rank == 4
+
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        assert_close(converted(x), expected, "default init_range", tol=1e-2)
+        zero_adapters(converted)
+        assert_close(converted(x), expected, "adapters zero")
+
+
+def test_trainable_parameters_of_a_converted_cnn():
+    model = spa_kernels.convert(make_cnn(), rank=2, conv_adapter="sppara")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        "features.0.bias", "features.0.adapter", "features.1.weight", "features.1.bias",
+        "features.3.adapter", "features.4.weight", "features.4.bias",
+        "head.bias", "head.adapter.rows", "head.adapter.cols",
+    }
+    assert model.features[0].adapter.shape == (8, 3)
+
+
+@pytest.mark.parametrize("conv_adapter", ["lora", "SPPaRA", None, 1])
+def test_bad_conv_adapter_raises(conv_adapter):
+    with pytest.raises(ValueError, match="conv_adapter"):
+        spa_kernels.convert(make_cnn(), conv_adapter=conv_adapter)
+
+
+def test_even_kernel_and_conv_subclasses_are_left_alone(caplog):
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 2), ScaledConv(4, 4, 3), nn.Conv1d(4, 4, (4,)), nn.Conv2d(4, 4, 3))
+    with caplog.at_level(logging.WARNING, logger="spa_kernels"):
+        converted = spa_kernels.convert(model)
+    assert type(converted[0]) is nn.Conv2d and type(converted[1]) is ScaledConv and type(converted[2]) is nn.Conv1d
+    assert isinstance(converted[3], SPLoRAConv2d)
+    assert "'0'" in caplog.text and "kernel_size=(2, 2)" in caplog.text
+    assert "kernel_size=(4,)" in caplog.text and "ScaledConv" in caplog.text
+
+
+def test_depthwise_conv_is_converted_and_runs_on_the_reference_backend(caplog, monkeypatch):
+    model = nn.Sequential(nn.Conv1d(6, 6, 3, padding=1, groups=6), nn.Conv1d(6, 4, 1)).eval()
+    backend = "cpu" if "cpu" in CONV_BACKENDS else None
+    with caplog.at_level(logging.WARNING, logger="spa_kernels"):
+        converted = spa_kernels.convert(model, rank=2, backend=backend)
+    assert isinstance(converted[0], SPLoRAConv1d) and converted[0].groups == 6
+    assert converted[0].adapter.rows.shape == (1, 2, 1)
+    assert converted[0].backend is None and converted[1].backend == backend
+    if backend is not None:
+        assert "groups=6" in caplog.text
+    zero_adapters(converted)
+    x = torch.randn(2, 6, 9)
+    monkeypatch.setattr(spa_kernels.functional_conv, "_grouped_warning_given", False)
+    with pytest.warns(UserWarning, match="groups=6"), torch.no_grad():
+        y = converted(x)
+    with torch.no_grad():
+        assert_close(y, model(x), "depthwise model")
+
+
+def test_sp_adapters_cnn_keeps_its_conv_adapters():
+    torch.manual_seed(2)
+    splora = sp_adapters.SPLoRA(make_cnn(), rank=3)
+    sppara = sp_adapters.SPPaRA(make_cnn())
+    for theirs in (splora, sppara):
+        with torch.no_grad():
+            for m in theirs.modules():
+                if isinstance(m, sp_adapters.SPPaRAConv2d):
+                    m.adapter.normal_()
+                elif isinstance(m, (sp_adapters.SPLoRAConv2d, sp_adapters.SPLoRALinear)):
+                    m.adapter.cols.normal_()
+    ours = spa_kernels.convert(splora, rank=5, conv_adapter="sppara")
+    assert linear_names(ours, SPLoRAConv2d) == linear_names(splora, sp_adapters.SPLoRAConv2d)
+    assert ours.features[3].rank == 3 and torch.equal(ours.features[3].adapter.cols, splora.features[3].adapter.cols)
+    ours_para = spa_kernels.convert(sppara, rank=5)
+    assert linear_names(ours_para, SPPaRAConv2d) == linear_names(sppara, sp_adapters.SPPaRAConv2d)
+    assert torch.equal(ours_para.features[0].adapter, sppara.features[0].adapter)
+    assert isinstance(ours_para.head, SPLoRALinear)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert_close(ours(x), splora(x), "vs sp_adapters SPLoRA cnn")
+        assert_close(ours_para(x), ours_para.head(sppara.features(x).mean(dim=(2, 3))), "vs sp_adapters SPPaRA cnn")

@@ -6,5 +6,16 @@ move between the two libraries; the forward pass runs the fused masked kernels.
 
 from ._masks import ChannelMasked
 from .linear import SPLoRALinear
+from .splora_conv import SPLoRAConv1d, SPLoRAConv2d, SPLoRAConv3d
+from .sppara_conv import SPPaRAConv1d, SPPaRAConv2d, SPPaRAConv3d
 
-__all__ = ["ChannelMasked", "SPLoRALinear"]
+__all__ = [
+    "ChannelMasked",
+    "SPLoRAConv1d",
+    "SPLoRAConv2d",
+    "SPLoRAConv3d",
+    "SPLoRALinear",
+    "SPPaRAConv1d",
+    "SPPaRAConv2d",
+    "SPPaRAConv3d",
+]
