@@ -6,7 +6,7 @@
 A suite is an object with a ``name``, ``count_cases(config)`` (to size the
 progress bar) and ``run(config, progress)`` returning a
 :class:`bench.report.SuiteReport`.  ``bench/__main__.py`` holds the registry;
-adding a benchmark (convolutions, say) means writing one such object and
+adding a benchmark means writing one such object and
 listing it there.
 """
 

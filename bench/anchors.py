@@ -271,12 +271,16 @@ def _active_blocks(p: LinearProblem, y: Tensor, grads: tuple[Tensor, ...]) -> tu
 
 
 def _pruned_blocks(p: LinearProblem, y: Tensor, grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """The entries of full-width results that must be exactly zero."""
-    in_pruned = torch.ones(p.shape.in_features, dtype=torch.bool, device=y.device)
-    out_pruned = torch.ones(p.shape.out_features, dtype=torch.bool, device=y.device)
+    """The entries of full-width results that must be exactly zero.
+
+    Channels are dimension 1 of ``y`` and ``dx`` for linear and convolution layers
+    alike, so the widths come from the results themselves.
+    """
+    dx, da, db, dbias = grads
+    in_pruned = torch.ones(dx.shape[1], dtype=torch.bool, device=y.device)
+    out_pruned = torch.ones(y.shape[1], dtype=torch.bool, device=y.device)
     in_pruned[p.in_idx] = False
     out_pruned[p.out_idx] = False
-    dx, da, db, dbias = grads
     return (y[:, out_pruned], dx[:, in_pruned], da[:, in_pruned], db[out_pruned], dbias[out_pruned])
 
 
@@ -290,7 +294,12 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def check_contender(contender: Contender, p: LinearProblem, expected: Expected) -> None:
-    """Raise :class:`ContenderMismatch` unless ``contender`` computes the layer correctly."""
+    """Raise :class:`ContenderMismatch` unless ``contender`` computes the layer correctly.
+
+    ``p`` may be any problem with ``keep``, ``x``, ``in_idx`` and ``out_idx`` whose
+    results hold channels in dimension 1 (``y``, ``dx``, ``dA``) or 0 (``dB``,
+    ``dbias``): the convolution suite checks its contenders here too.
+    """
     got_y = contender.forward()
     got_grads = contender.train_step()
     names = ("y",) + GRAD_NAMES

@@ -49,10 +49,44 @@ class Conv2dShape:
     kernel_size: int
     rank: int
 
+    @property
+    def padding(self) -> int:
+        return self.kernel_size // 2
+
     def __str__(self) -> str:
         return (
             f"x {self.batch} × {self.in_channels} × {self.height} × {self.width} → {self.out_channels}, "
             f"{self.kernel_size}×{self.kernel_size}, rank {self.rank}"
+        )
+
+
+@dataclass(frozen=True)
+class NetworkShape:
+    """A ResNet of BasicBlocks on ``batch × 3 × image_size × image_size`` images.
+
+    Stem: 7×7 stride-2 convolution, batch norm, ReLU, 3×3 stride-2 max pool.  Then one
+    stage per entry of ``stage_channels`` with ``blocks_per_stage`` BasicBlocks each
+    (stride 2 and a 1×1 downsample convolution where a stage begins, except the first),
+    global average pooling and a linear head with ``classes`` outputs.  Every
+    convolution and the head get a rank-``rank`` adapter; ``keep`` of the channels of
+    every convolution stay active.
+    """
+
+    name: str
+    batch: int
+    image_size: int
+    classes: int
+    stage_channels: tuple[int, ...]
+    blocks_per_stage: int
+    rank: int
+    keep: float
+
+    def __str__(self) -> str:
+        channels = "-".join(str(c) for c in self.stage_channels)
+        return (
+            f"{self.name}: batch {self.batch} × 3 × {self.image_size} × {self.image_size}, "
+            f"stages {channels} × {self.blocks_per_stage} blocks, {self.classes} classes, "
+            f"rank {self.rank}, keep {format_keep(self.keep)}"
         )
 
 
@@ -65,8 +99,15 @@ RESNET_CONV3X3 = Conv2dShape(
     "resnet-3x3", batch=32, in_channels=256, out_channels=256, height=14, width=14, kernel_size=3, rank=16
 )
 
+# ResNet-18 on 56 × 56 images: every layer kind of a CNN, small enough for 2 CPU cores.
+RESNET18_56 = NetworkShape(
+    "resnet-18", batch=8, image_size=56, classes=100, stage_channels=(64, 128, 256, 512),
+    blocks_per_stage=2, rank=16, keep=0.5,
+)
+
 LINEAR_SHAPES = {"cpu": (VIT_B_MLP,), "cuda": (VIT_B_MLP, LARGE_LINEAR)}
 CONV2D_SHAPES = {"cpu": (RESNET_CONV3X3,), "cuda": (RESNET_CONV3X3,)}
+NETWORK_SHAPES = {"cpu": (RESNET18_56,), "cuda": (RESNET18_56,)}
 
 
 def format_keep(keep: float) -> str:
