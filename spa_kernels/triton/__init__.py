@@ -22,6 +22,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 try:
     import triton  # noqa: F401
 
+    from .conv import splora_conv_forward, sppara_conv_forward
+    from .conv_backward import splora_conv_backward, sppara_conv_backward
     from .linear import INTERPRETED, splora_linear_forward
     from .linear_backward import splora_linear_backward
 
@@ -37,6 +39,18 @@ except Exception as error:  # Triton is optional; a broken install must not brea
         raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
 
     def splora_linear_backward(*args, **kwargs):
+        raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
+
+    def splora_conv_forward(*args, **kwargs):
+        raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
+
+    def splora_conv_backward(*args, **kwargs):
+        raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
+
+    def sppara_conv_forward(*args, **kwargs):
+        raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
+
+    def sppara_conv_backward(*args, **kwargs):
         raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
 
 
@@ -60,6 +74,10 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "is_available",
     "name",
+    "splora_conv_backward",
+    "splora_conv_forward",
     "splora_linear_backward",
     "splora_linear_forward",
+    "sppara_conv_backward",
+    "sppara_conv_forward",
 ]
