@@ -99,7 +99,7 @@ class ConvSuite:
         return len(self.shapes(config)) * len(config.keeps) * (1 + len(MODES))
 
     def run(self, config: RunConfig, progress: Progress) -> SuiteReport:
-        backends, missing = conv_op_backends(config.device, timed_backends(config.device))
+        backends, missing = conv_op_backends(config.device, config.dtype, timed_backends(config.device))
         primary = spa_kernels_name(backends[0]) if backends else None
         report = SuiteReport(self.name, notes=backend_notes(config.device, backends, "splora_conv2d"))
         if missing:

@@ -253,17 +253,18 @@ def expected_conv_result(p: ConvProblem) -> Expected:
     return Expected(y.detach(), tuple(g.detach() for g in grads))
 
 
-def conv_op_backends(device: torch.device, candidates: list[str]) -> tuple[list[str], str | None]:
-    """The backends among ``candidates`` that run ``spa_kernels.splora_conv2d`` on ``device``.
+def conv_op_backends(device: torch.device, dtype: torch.dtype,
+                     candidates: list[str]) -> tuple[list[str], str | None]:
+    """The backends among ``candidates`` that run ``spa_kernels.splora_conv2d`` on ``device`` in ``dtype``.
 
     Returns them and, when there are none, why.  Backends may implement a subset of the
     ops, so each is asked with a tiny problem.
     """
     if not hasattr(spa_kernels, "splora_conv2d"):
         return [], "spa_kernels.splora_conv2d does not exist in this version"
-    x = torch.zeros(1, 2, 3, 3, device=device)
-    weight = torch.zeros(2, 2, 3, 3, device=device)
-    a, b = torch.zeros(1, 2, device=device), torch.zeros(2, 1, device=device)
+    x = torch.zeros(1, 2, 3, 3, device=device, dtype=dtype)
+    weight = torch.zeros(2, 2, 3, 3, device=device, dtype=dtype)
+    a, b = torch.zeros(1, 2, device=device, dtype=dtype), torch.zeros(2, 1, device=device, dtype=dtype)
     usable, reasons = [], []
     for name in candidates:
         try:

@@ -48,6 +48,7 @@ TARGET_RATIO = 2.5  # CPU: sp_adapters ÷ spa_kernels, one training step of RESN
 
 LEARNING_RATE = 1e-3
 MOMENTUM = 0.9
+CHECK_IMAGES = 2  # images in the float64 gradient check
 FLOAT64_TOLERANCE = 1e-8  # relative to the largest reference value; ~20 layers deep
 
 
@@ -170,7 +171,7 @@ class NetworkSuite:
 
     def run(self, config: RunConfig, progress: Progress) -> SuiteReport:
         # The modules pick their backend automatically: the fastest one that runs the conv op.
-        conv_backends, _ = conv_op_backends(config.device, timed_backends(config.device))
+        conv_backends, _ = conv_op_backends(config.device, config.dtype, timed_backends(config.device))
         primary = spa_kernels_name(conv_backends[0]) if conv_backends else None
         report = SuiteReport(self.name, notes=backend_notes(config.device, conv_backends[:1], "network"))
         for shape in self.shapes(config):
@@ -234,26 +235,30 @@ class NetworkSuite:
 
         # Gradients are compared on float64 copies: a ReLU input within rounding of zero
         # flips its gradient between two fp32 evaluations, so only float64 compares them
-        # tightly.  The logits are compared in the compute dtype as well, which checks
-        # the timed path end to end (the conv suite checks the kernels' gradients in it).
-        images64, labels = images.double().to(device), labels.to(device)
+        # tightly.  They see the first CHECK_IMAGES images only (float64 convolutions are
+        # slow); the logits of the whole batch are compared in the compute dtype, which
+        # checks the timed path end to end (the conv suite checks the kernels' gradients).
         reference = copy.deepcopy(adapted).double().to(device)
-        want_logits, want_grads = forward_backward(reference, images64, labels)
+        with torch.no_grad():
+            want_logits = reference.train()(images.double().to(device))
+        images64, labels64 = images[:CHECK_IMAGES].double().to(device), labels[:CHECK_IMAGES].to(device)
+        want_logits64, want_grads = forward_backward(reference, images64, labels64)
         del reference
-        images = images.to(device, dtype)
+        images, labels = images.to(device, dtype), labels.to(device)
         contenders = []
         for name, model, gradients in versions:
             model64 = copy.deepcopy(model).double().to(device)
-            logits, grads = forward_backward(model64, images64, labels, gradients)
+            logits, grads = forward_backward(model64, images64, labels64, gradients)
             del model64
-            _compare(f"{name} logits (float64)", logits, want_logits, FLOAT64_TOLERANCE)
+            _compare(f"{name} logits (float64)", logits, want_logits64, FLOAT64_TOLERANCE)
             if set(grads) != set(want_grads):
                 raise ContenderMismatch(f"network: {name} trains {sorted(set(grads) ^ set(want_grads))[:4]}, "
                                         "unlike the float64 network")
             for parameter, grad in grads.items():
                 _compare(f"{name} gradient of {parameter} (float64)", grad, want_grads[parameter], FLOAT64_TOLERANCE)
             model = model.to(device, dtype)
-            logits, _ = forward_backward(model, images, labels, gradients=lambda _: {})
+            with torch.no_grad():
+                logits = model.train()(images)
             _compare(f"{name} logits", logits, want_logits, 10 * tolerance(dtype))
             contenders.append(_contender(name, model, images, labels))
         progress.end()
