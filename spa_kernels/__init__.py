@@ -6,7 +6,15 @@ over the active channels only, on the backend that is fastest for the device.
 
 from . import _backend, cpu, reference
 from ._backend import backends, use_backend
-from .functional import splora_linear
+from .functional import (
+    splora_conv1d,
+    splora_conv2d,
+    splora_conv3d,
+    splora_linear,
+    sppara_conv1d,
+    sppara_conv2d,
+    sppara_conv3d,
+)
 
 _backend.register_backend(reference)
 if cpu.BUILT:
@@ -24,4 +32,16 @@ from .convert import convert  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "convert", "nn", "splora_linear", "use_backend"]
+__all__ = [
+    "backends",
+    "convert",
+    "nn",
+    "splora_conv1d",
+    "splora_conv2d",
+    "splora_conv3d",
+    "splora_linear",
+    "sppara_conv1d",
+    "sppara_conv2d",
+    "sppara_conv3d",
+    "use_backend",
+]

@@ -1,4 +1,7 @@
-"""Every op of spa_kernels: schema, fake kernel and autograd, in one place.
+"""Every op of spa_kernels: schema, fake kernel and autograd.
+
+The linear ops are here; the convolution ops (``splora_conv``, ``sppara_conv``
+and their backward ops) are in ``_ops_conv.py``, imported at the bottom.
 
 The ops take an already-resolved backend name; the functional layer validates
 the arguments and picks the backend.  Each op flattens leading dimensions and
@@ -10,8 +13,6 @@ placeholder, because custom-op schemas cannot return ``None``.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,11 +37,11 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 def splora_linear(
     x: Tensor,
     weight: Tensor,
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    bias: Optional[Tensor],
-    in_idx: Optional[Tensor],
-    out_idx: Optional[Tensor],
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    bias: Tensor | None,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
     scale: float,
     backend: str,
 ) -> Tensor:
@@ -69,10 +70,10 @@ def splora_linear_backward(
     grad_out: Tensor,
     x: Tensor,
     weight: Tensor,
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    in_idx: Optional[Tensor],
-    out_idx: Optional[Tensor],
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
     scale: float,
     backend: str,
     output_mask: list[bool],
@@ -118,7 +119,7 @@ def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, backend, outp
     )
     return tuple(
         x.new_empty(shape) if want and shape is not None else x.new_empty(0)
-        for want, shape in zip(output_mask, shapes)
+        for want, shape in zip(output_mask, shapes, strict=True)
     )
 
 
@@ -137,10 +138,28 @@ def _linear_backward(ctx, grad_out):
     grads = splora_linear_backward(
         grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, ctx.scale, ctx.backend, output_mask
     )
-    grads = [g if want else None for g, want in zip(grads, output_mask)]
+    grads = [g if want else None for g, want in zip(grads, output_mask, strict=True)]
     return (*grads, None, None, None, None)
 
 
 torch.library.register_autograd(
     f"{_LIB}::splora_linear", _linear_backward, setup_context=_setup_linear_context
 )
+
+
+# The convolution ops live in their own file; importing it registers them.
+from ._ops_conv import (  # noqa: E402
+    splora_conv,
+    splora_conv_backward,
+    sppara_conv,
+    sppara_conv_backward,
+)
+
+__all__ = [
+    "splora_conv",
+    "splora_conv_backward",
+    "splora_linear",
+    "splora_linear_backward",
+    "sppara_conv",
+    "sppara_conv_backward",
+]

@@ -126,3 +126,187 @@ def check_splora_linear_args(x, weight, lora_a, lora_b, bias, in_idx, out_idx, s
     in_idx = check_index(in_idx, "in_idx", in_features, x.device)
     out_idx = check_index(out_idx, "out_idx", out_features, x.device)
     return in_idx, out_idx, check_scale(scale)
+
+
+# --------------------------------------------------------------------------- convolutions
+
+PADDING_MODES = ("same", "valid")
+
+
+def _int_tuple(value: object, name: str, d: int) -> tuple[int, ...]:
+    """An int, or a tuple/list of ``d`` ints, as a tuple of ``d`` Python ints."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return (int(value),) * d
+    if isinstance(value, (tuple, list)):
+        if len(value) != d:
+            raise ValueError(f"{name} must be an int or a tuple of {d} ints, got {tuple(value)!r}")
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+                raise TypeError(f"{name} must hold ints, got {type(item).__name__} in {tuple(value)!r}")
+        return tuple(int(item) for item in value)
+    raise TypeError(f"{name} must be an int or a tuple of {d} ints, got {type(value).__name__}")
+
+
+def check_groups(groups: object) -> int:
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    return int(groups)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Length of one spatial output dimension, as ``torch.nn.Conv*d`` computes it."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def check_conv_geometry(
+    stride: object, padding: object, dilation: object, kernel: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Normalise stride, padding and dilation to tuples of ``len(kernel)`` ints.
+
+    ``padding`` may be ``"same"`` (stride 1 only, as in torch) or ``"valid"``;
+    both become explicit symmetric paddings, exact because kernels are odd.
+    """
+    d = len(kernel)
+    stride = _int_tuple(stride, "stride", d)
+    dilation = _int_tuple(dilation, "dilation", d)
+    if min(stride) < 1:
+        raise ValueError(f"stride must be >= 1 in every dimension, got {stride}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be >= 1 in every dimension, got {dilation}")
+    if isinstance(padding, str):
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be an int, a tuple of {d} ints, 'same' or 'valid', got {padding!r}")
+        if padding == "valid":
+            return stride, (0,) * d, dilation
+        if max(stride) != 1:
+            raise ValueError(f"padding='same' needs stride 1 in every dimension (as in torch), got stride={stride}")
+        return stride, tuple(dil * (k - 1) // 2 for k, dil in zip(kernel, dilation, strict=True)), dilation
+    padding = _int_tuple(padding, "padding", d)
+    if min(padding) < 0:
+        raise ValueError(f"padding must be >= 0 in every dimension, got {padding}")
+    return stride, padding, dilation
+
+
+def _check_conv_tensors(d: int | None, x: object, weight: object, bias: object, groups: object) -> tuple[int, int]:
+    """Shapes, dtypes and devices of x, weight, bias; returns (d, groups)."""
+    check_tensor(weight, "weight")
+    if d is None:  # trusted callers: the dimensionality comes from the weight
+        d = weight.dim() - 2
+        if d not in (1, 2, 3):
+            raise ValueError(f"weight must be 3-D, 4-D or 5-D (C_out, C_in/groups, *kernel), got shape {tuple(weight.shape)}")
+    check_tensor(x, "x")
+    if x.dim() != d + 2:
+        raise ValueError(f"x must be {d + 2}-D (N, C_in, *{d} spatial dims) for a {d}d convolution, got shape {tuple(x.shape)}")
+    if weight.dim() != d + 2:
+        raise ValueError(
+            f"weight must be {d + 2}-D (C_out, C_in/groups, *{d} kernel dims) for a {d}d convolution, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    check_float_tensor(x, "x", x, "x")
+    check_float_tensor(weight, "weight", x, "x")
+    groups = check_groups(groups)
+    out_channels, in_channels = weight.shape[0], x.shape[1]
+    if min(weight.shape[:2]) < 1:
+        raise ValueError(f"weight must have at least one output and one input channel, got shape {tuple(weight.shape)}")
+    for k in weight.shape[2:]:
+        if k % 2 == 0:
+            raise ValueError(
+                f"weight has kernel size {tuple(weight.shape[2:])}; every kernel size must be odd, "
+                "because the adapter sits at the kernel's centre tap"
+            )
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"groups={groups} must divide both the input channels ({in_channels}) and the output channels ({out_channels})"
+        )
+    if weight.shape[1] * groups != in_channels:
+        raise ValueError(
+            f"x has {in_channels} channels but weight of shape {tuple(weight.shape)} with groups={groups} "
+            f"expects {weight.shape[1] * groups}"
+        )
+    if min(x.shape[2:]) < 1:
+        raise ValueError(f"x must have non-empty spatial dimensions, got shape {tuple(x.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+        check_float_tensor(bias, "bias", x, "x")
+        if bias.shape[0] != out_channels:
+            raise ValueError(f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+    return d, groups
+
+
+def _check_output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> None:
+    kernel = tuple(weight.shape[2:])
+    sizes = tuple(
+        conv_output_size(size, k, st, pad, dil)
+        for size, k, st, pad, dil in zip(x.shape[2:], kernel, stride, padding, dilation, strict=True)
+    )
+    if min(sizes) < 1:
+        raise ValueError(
+            f"x of spatial size {tuple(x.shape[2:])} is too small for kernel {kernel} with padding={padding}, "
+            f"dilation={dilation}, stride={stride}: the output size would be {sizes}"
+        )
+
+
+def _unchecked_index(idx: Tensor | None) -> Tensor | None:
+    """Trusted index lists: only made int64 and contiguous, no value is read."""
+    return None if idx is None else idx.to(torch.int64).contiguous()
+
+
+def _check_conv_indices(x: Tensor, weight: Tensor, in_idx, out_idx, trusted: bool):
+    if trusted:
+        return _unchecked_index(in_idx), _unchecked_index(out_idx)
+    return (
+        check_index(in_idx, "in_idx", x.shape[1], x.device),
+        check_index(out_idx, "out_idx", weight.shape[0], x.device),
+    )
+
+
+def check_splora_conv_args(
+    d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale,
+    *, trusted: bool = False,
+):
+    """Validate a SPLoRA convolution call (``d=None``: take it from the weight).
+
+    Returns ``(in_idx, out_idx, stride, padding, dilation, groups, scale)`` with
+    int64 index lists, explicit symmetric padding and a float scale.
+    ``trusted=True`` (modules) skips the checks that read index values, and the
+    scale check, which cannot be traced when torch.compile makes it symbolic.
+    """
+    d, groups = _check_conv_tensors(d, x, weight, bias, groups)
+    out_channels, group_in = weight.shape[0], weight.shape[1]
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a and lora_b must be given together (or both None)")
+    if lora_a is not None:
+        check_tensor(lora_a, "lora_a", ndim=2)
+        check_tensor(lora_b, "lora_b", ndim=2)
+        check_float_tensor(lora_a, "lora_a", x, "x")
+        check_float_tensor(lora_b, "lora_b", x, "x")
+        rank = lora_a.shape[0]
+        if rank <= 0:
+            raise ValueError(f"lora_a must have rank >= 1 rows, got shape {tuple(lora_a.shape)}")
+        if lora_a.shape[1] != group_in:
+            raise ValueError(f"lora_a must have shape (r, C_in/groups) = (r, {group_in}), got {tuple(lora_a.shape)}")
+        if tuple(lora_b.shape) != (out_channels, rank):
+            raise ValueError(f"lora_b must have shape ({out_channels}, {rank}), got {tuple(lora_b.shape)}")
+    stride, padding, dilation = check_conv_geometry(stride, padding, dilation, tuple(weight.shape[2:]))
+    _check_output_size(x, weight, stride, padding, dilation)
+    in_idx, out_idx = _check_conv_indices(x, weight, in_idx, out_idx, trusted)
+    return in_idx, out_idx, stride, padding, dilation, groups, float(scale) if trusted else check_scale(scale)
+
+
+def check_sppara_conv_args(
+    d, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups,
+    *, trusted: bool = False,
+):
+    """Validate an SPPaRA convolution call; like :func:`check_splora_conv_args` without scale."""
+    d, groups = _check_conv_tensors(d, x, weight, bias, groups)
+    check_tensor(adapter, "adapter", ndim=2)
+    check_float_tensor(adapter, "adapter", x, "x")
+    expected = (weight.shape[0], weight.shape[1])
+    if tuple(adapter.shape) != expected:
+        raise ValueError(f"adapter must have shape (C_out, C_in/groups) = {expected}, got {tuple(adapter.shape)}")
+    stride, padding, dilation = check_conv_geometry(stride, padding, dilation, tuple(weight.shape[2:]))
+    _check_output_size(x, weight, stride, padding, dilation)
+    in_idx, out_idx = _check_conv_indices(x, weight, in_idx, out_idx, trusted)
+    return in_idx, out_idx, stride, padding, dilation, groups

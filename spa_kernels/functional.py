@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from . import _backend, _ops
@@ -75,4 +74,24 @@ def _splora_linear_trusted(
     return _ops.splora_linear(x, weight, lora_a, lora_b, bias, in_idx, out_idx, float(scale), impl.name)
 
 
-__all__ = ["splora_linear"]
+# The convolutions live in their own file; they are part of this namespace.
+from .functional_conv import (  # noqa: E402
+    _splora_conv_trusted,  # noqa: F401  (for modules)
+    _sppara_conv_trusted,  # noqa: F401
+    splora_conv1d,
+    splora_conv2d,
+    splora_conv3d,
+    sppara_conv1d,
+    sppara_conv2d,
+    sppara_conv3d,
+)
+
+__all__ = [
+    "splora_conv1d",
+    "splora_conv2d",
+    "splora_conv3d",
+    "splora_linear",
+    "sppara_conv1d",
+    "sppara_conv2d",
+    "sppara_conv3d",
+]

@@ -1,0 +1,297 @@
+"""The convolution ops: schema, fake kernel and autograd of SPLoRA and SPPaRA convs.
+
+Kept beside ``_ops.py`` (which imports this module) so that each file holds one
+family of ops.  The ops take an already-resolved backend name and already
+normalised geometry: ``stride``, ``padding`` (explicit, symmetric) and
+``dilation`` as lists of d ints, d = x.dim() - 2 in {1, 2, 3}.  Each op makes
+its tensors contiguous and calls the backend with geometry as tuples of Python
+ints::
+
+    splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale,
+                        stride, padding, dilation, groups) -> y
+    splora_conv_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale,
+                         stride, padding, dilation, groups, output_mask)
+        -> (dx, dweight, dlora_a, dlora_b, dbias), None where not asked for
+    sppara_conv_forward(x, weight, adapter, bias, in_idx, out_idx,
+                        stride, padding, dilation, groups) -> y
+    sppara_conv_backward(grad_out, x, weight, adapter, in_idx, out_idx,
+                         stride, padding, dilation, groups, output_mask)
+        -> (dx, dweight, dadapter, dbias)
+
+Only the reference backend runs ``groups != 1``; the ops refuse it elsewhere.
+The backward ops return empty placeholders for gradients not asked for, because
+custom-op schemas cannot return ``None``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from ._validation import conv_output_size
+
+_LIB = "spa_kernels"
+
+GROUPED_BACKENDS = ("reference",)
+
+# Explicit schemas: geometry is int[] (not SymInt[]), since it is fixed per layer.
+_GEOMETRY = "int[] stride, int[] padding, int[] dilation, int groups"
+SPLORA_CONV_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? bias, Tensor? in_idx, "
+    f"Tensor? out_idx, {_GEOMETRY}, float scale, str backend) -> Tensor"
+)
+SPLORA_CONV_BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? in_idx, "
+    f"Tensor? out_idx, {_GEOMETRY}, float scale, str backend, bool[] output_mask) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+SPPARA_CONV_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor adapter, Tensor? bias, Tensor? in_idx, Tensor? out_idx, "
+    f"{_GEOMETRY}, str backend) -> Tensor"
+)
+SPPARA_CONV_BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor x, Tensor weight, Tensor adapter, Tensor? in_idx, Tensor? out_idx, "
+    f"{_GEOMETRY}, str backend, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def conv_output_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> list:
+    """``(N, C_out, *spatial_out)``; works on symbolic sizes, so fake kernels use it too."""
+    spatial = [
+        conv_output_size(size, k, st, pad, dil)
+        for size, k, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True)
+    ]
+    return [x.shape[0], weight.shape[0], *spatial]
+
+
+def _geometry(stride, padding, dilation) -> tuple[tuple[int, ...], ...]:
+    return tuple(int(v) for v in stride), tuple(int(v) for v in padding), tuple(int(v) for v in dilation)
+
+
+def _check_groups_backend(groups: int, backend: str) -> None:
+    if groups != 1 and backend not in GROUPED_BACKENDS:
+        raise ValueError(f"groups={groups}: grouped convolutions run on {GROUPED_BACKENDS} only, not {backend!r}")
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _grads_or_placeholders(grads, x: Tensor) -> tuple[Tensor, ...]:
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+# --------------------------------------------------------------------------- SPLoRA
+
+
+@torch.library.custom_op(
+    f"{_LIB}::splora_conv", mutates_args=(), schema=SPLORA_CONV_SCHEMA
+)
+def splora_conv(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    bias: Tensor | None,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    scale: float,
+    backend: str,
+) -> Tensor:
+    _check_groups_backend(groups, backend)
+    if x.shape[0] == 0:
+        return x.new_zeros(conv_output_shape(x, weight, stride, padding, dilation))
+    return _backend.get(backend).splora_conv_forward(
+        x.contiguous(), weight.contiguous(), _contiguous(lora_a), _contiguous(lora_b), _contiguous(bias),
+        in_idx, out_idx, scale, *_geometry(stride, padding, dilation), groups,
+    )
+
+
+@splora_conv.register_fake
+def _(x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale, backend):
+    return x.new_empty(conv_output_shape(x, weight, stride, padding, dilation))
+
+
+@torch.library.custom_op(
+    f"{_LIB}::splora_conv_backward", mutates_args=(), schema=SPLORA_CONV_BACKWARD_SCHEMA
+)
+def splora_conv_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    scale: float,
+    backend: str,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_groups_backend(groups, backend)
+    mask = tuple(bool(m) for m in output_mask)
+    if lora_a is None:
+        mask = (mask[0], mask[1], False, False, mask[4])
+    if x.shape[0] == 0:
+        grads = (
+            torch.zeros_like(x) if mask[0] else None,
+            torch.zeros_like(weight) if mask[1] else None,
+            torch.zeros_like(lora_a) if mask[2] else None,
+            torch.zeros_like(lora_b) if mask[3] else None,
+            weight.new_zeros(weight.shape[0]) if mask[4] else None,
+        )
+    else:
+        grads = _backend.get(backend).splora_conv_backward(
+            grad_out.contiguous(), x.contiguous(), weight.contiguous(), _contiguous(lora_a), _contiguous(lora_b),
+            in_idx, out_idx, scale, *_geometry(stride, padding, dilation), groups, mask,
+        )
+    return _grads_or_placeholders(grads, x)
+
+
+@splora_conv_backward.register_fake
+def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, stride, padding, dilation, groups, scale, backend,
+      output_mask):
+    has_lora = lora_a is not None
+    shapes = (
+        x.shape,
+        weight.shape,
+        lora_a.shape if has_lora else None,
+        lora_b.shape if has_lora else None,
+        weight.shape[:1],
+    )
+    return tuple(
+        x.new_empty(shape) if want and shape is not None else x.new_empty(0)
+        for want, shape in zip(output_mask, shapes, strict=True)
+    )
+
+
+def _setup_splora_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale, backend = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, in_idx, out_idx)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.scale = scale
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+
+
+def _splora_backward(ctx, grad_out):
+    x, weight, lora_a, lora_b, in_idx, out_idx = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    output_mask = [need[0], need[1], need[2], need[3], need[4] and ctx.has_bias]
+    grads = splora_conv_backward(
+        grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, *ctx.geometry, ctx.scale, ctx.backend, output_mask
+    )
+    grads = [g if want else None for g, want in zip(grads, output_mask, strict=True)]
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    f"{_LIB}::splora_conv", _splora_backward, setup_context=_setup_splora_context
+)
+
+
+# --------------------------------------------------------------------------- SPPaRA
+
+
+@torch.library.custom_op(
+    f"{_LIB}::sppara_conv", mutates_args=(), schema=SPPARA_CONV_SCHEMA
+)
+def sppara_conv(
+    x: Tensor,
+    weight: Tensor,
+    adapter: Tensor,
+    bias: Tensor | None,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    backend: str,
+) -> Tensor:
+    _check_groups_backend(groups, backend)
+    if x.shape[0] == 0:
+        return x.new_zeros(conv_output_shape(x, weight, stride, padding, dilation))
+    return _backend.get(backend).sppara_conv_forward(
+        x.contiguous(), weight.contiguous(), adapter.contiguous(), _contiguous(bias),
+        in_idx, out_idx, *_geometry(stride, padding, dilation), groups,
+    )
+
+
+@sppara_conv.register_fake
+def _(x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend):
+    return x.new_empty(conv_output_shape(x, weight, stride, padding, dilation))
+
+
+@torch.library.custom_op(
+    f"{_LIB}::sppara_conv_backward", mutates_args=(), schema=SPPARA_CONV_BACKWARD_SCHEMA
+)
+def sppara_conv_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    adapter: Tensor,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    backend: str,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_groups_backend(groups, backend)
+    mask = tuple(bool(m) for m in output_mask)
+    if x.shape[0] == 0:
+        grads = (
+            torch.zeros_like(x) if mask[0] else None,
+            torch.zeros_like(weight) if mask[1] else None,
+            torch.zeros_like(adapter) if mask[2] else None,
+            weight.new_zeros(weight.shape[0]) if mask[3] else None,
+        )
+    else:
+        grads = _backend.get(backend).sppara_conv_backward(
+            grad_out.contiguous(), x.contiguous(), weight.contiguous(), adapter.contiguous(),
+            in_idx, out_idx, *_geometry(stride, padding, dilation), groups, mask,
+        )
+    return _grads_or_placeholders(grads, x)
+
+
+@sppara_conv_backward.register_fake
+def _(grad_out, x, weight, adapter, in_idx, out_idx, stride, padding, dilation, groups, backend, output_mask):
+    shapes = (x.shape, weight.shape, adapter.shape, weight.shape[:1])
+    return tuple(
+        x.new_empty(shape) if want else x.new_empty(0) for want, shape in zip(output_mask, shapes, strict=True)
+    )
+
+
+def _setup_sppara_context(ctx, inputs, output):
+    x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend = inputs
+    ctx.save_for_backward(x, weight, adapter, in_idx, out_idx)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+
+
+def _sppara_backward(ctx, grad_out):
+    x, weight, adapter, in_idx, out_idx = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    output_mask = [need[0], need[1], need[2], need[3] and ctx.has_bias]
+    grads = sppara_conv_backward(
+        grad_out, x, weight, adapter, in_idx, out_idx, *ctx.geometry, ctx.backend, output_mask
+    )
+    grads = [g if want else None for g, want in zip(grads, output_mask, strict=True)]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    f"{_LIB}::sppara_conv", _sppara_backward, setup_context=_setup_sppara_context
+)

@@ -1,0 +1,285 @@
+"""Masked SPLoRA and SPPaRA convolutions in plain PyTorch, forward and explicit backward.
+
+The adapter sits at the kernel's centre tap.  With ``c`` the centre index,
+
+    W_eff[o, i, c] = W[o, i, c] + s·(B A)[o, i]      (SPLoRA)
+    W_eff[o, i, c] = W[o, i, c] + P[o, i]            (SPPaRA)
+
+and every other tap is ``W``.  For ``groups == 1`` this module works on the
+active block only: it gathers the active input channels of ``x`` and the active
+``(O, S)`` block of the weight, adds the adapter at the centre tap of that
+block, runs the PyTorch convolution and scatters the active outputs into a zero
+tensor of full width.  The backward uses ``torch.nn.grad.conv*d_input`` and
+``conv*d_weight`` on the same block; the adapter gradients use the *centre-tap
+input* ``x_c`` (what the centre tap multiplies, see :func:`centre_tap_input`),
+so that ``dB = s·dy_O x_cᵀ Aᵀ`` and ``dA = s·(B_Oᵀ dy_O) x_cᵀ`` stay rank-r.
+
+Grouped convolutions (``groups > 1``, depthwise included) run on the
+reference backend only, in a simpler masked form: see ``conv_grouped.py``.
+
+Shapes: x (N, C_in, *spatial), weight (C_out, C_in/groups, *kernel),
+lora_a (r, C_in/groups), lora_b (C_out, r), adapter (C_out, C_in/groups),
+bias (C_out,), in_idx (|S|,) and out_idx (|O|,) int64 or None (all active);
+stride, padding (explicit, symmetric), dilation: tuples of d ints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .linear import _scatter, _take
+
+Geometry = tuple[int, ...]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def _centre(weight: Tensor) -> tuple:
+    """Index of the centre tap: ``weight[_centre(weight)]`` is ``(C_out, C_in/groups)``."""
+    return (slice(None), slice(None), *(k // 2 for k in weight.shape[2:]))
+
+
+def _output_spatial(x: Tensor, weight: Tensor, stride: Geometry, padding: Geometry, dilation: Geometry) -> list[int]:
+    return [
+        (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+        for size, k, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True)
+    ]
+
+
+def centre_tap_input(
+    x: Tensor, kernel: Geometry, stride: Geometry, padding: Geometry, dilation: Geometry, out_spatial: list[int]
+) -> Tensor:
+    """What the centre tap multiplies: ``x[p·stride + c·dilation − padding]`` (zero outside x).
+
+    Shape ``(N, C, *out_spatial)``.  The centre term of the convolution is a
+    1×1 convolution over this tensor, which is why it equals a parallel 1×1
+    convolution with the same stride.
+    """
+    shift = [pad - (k // 2) * dil for k, pad, dil in zip(kernel, padding, dilation, strict=True)]
+    pads = []
+    for s in reversed(shift):  # F.pad lists the last dimension first; negative pads crop
+        pads += [s, s]
+    shifted = F.pad(x, pads)
+    return shifted[(slice(None), slice(None), *(slice(0, n * st, st) for n, st in zip(out_spatial, stride, strict=True)))]
+
+
+def _broadcast(mask: Tensor, ndim: int, dim: int = 0) -> Tensor:
+    """``mask`` viewed to broadcast along dimension ``dim`` of an ``ndim``-D tensor."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return mask.view(shape)
+
+
+# --------------------------------------------------------------------------- groups == 1: active block
+
+
+def _active_effective_weight(weight, centre_os, in_idx, out_idx) -> Tensor:
+    """``W_OS`` with ``centre_os`` added at the centre tap: the active block only, never full size."""
+    w_eff = _take(_take(weight, 0, out_idx), 1, in_idx).clone()
+    if centre_os is not None:
+        w_eff[_centre(w_eff)] += centre_os
+    return w_eff
+
+
+def _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding, dilation) -> Tensor:
+    """``y`` for groups 1 from the active block; ``centre_os`` (|O|, |S|) is the centre-tap adapter term."""
+    d = x.dim() - 2
+    out_channels = weight.shape[0]
+    out_shape = [x.shape[0], out_channels, *_output_spatial(x, weight, stride, padding, dilation)]
+    n_in = x.shape[1] if in_idx is None else in_idx.numel()
+    n_out = out_channels if out_idx is None else out_idx.numel()
+    if n_out == 0:
+        return x.new_zeros(out_shape)
+    bias_o = _take(bias, 0, out_idx) if bias is not None else None
+    if n_in == 0:  # every input pruned: only the bias of the active outputs remains
+        y_o = x.new_zeros([out_shape[0], n_out, *out_shape[2:]])
+        if bias_o is not None:
+            y_o += _broadcast(bias_o, y_o.dim(), 1)
+    else:
+        w_eff = _active_effective_weight(weight, centre_os, in_idx, out_idx)
+        y_o = _CONV[d](_take(x, 1, in_idx), w_eff, bias_o, stride, padding, dilation)
+    return _scatter(y_o, 1, out_idx, out_channels)
+
+
+def _active_backward(grad_out, x, weight, centre_os, in_idx, out_idx, stride, padding, dilation, need_x, need_w,
+                     need_centre_input):
+    """Gradients of x and W for groups 1, plus ``dy_O`` and ``x_c`` (centre-tap input) for the adapters.
+
+    Returns ``(grad_x, grad_w, dy_o, x_c)``; ``x_c`` is None when not asked for
+    or when a channel set is empty (then the adapter term is identically zero).
+    """
+    d = x.dim() - 2
+    out_channels, in_channels = weight.shape[0], x.shape[1]
+    dy_o = _take(grad_out, 1, out_idx)
+    n_in = in_channels if in_idx is None else in_idx.numel()
+    grad_x = grad_w = x_c = None
+    if n_in == 0 or dy_o.shape[1] == 0:  # nothing flows between the active sets
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        return grad_x, grad_w, dy_o, x_c
+    x_s = _take(x, 1, in_idx)
+    if need_x:
+        w_eff = _active_effective_weight(weight, centre_os, in_idx, out_idx)
+        dx_s = _CONV_INPUT_GRAD[d](x_s.shape, w_eff, dy_o, stride, padding, dilation)
+        grad_x = _scatter(dx_s, 1, in_idx, in_channels)
+    if need_w:
+        block_shape = (dy_o.shape[1], x_s.shape[1], *weight.shape[2:])
+        dw_os = _CONV_WEIGHT_GRAD[d](x_s, block_shape, dy_o, stride, padding, dilation)
+        grad_w = _scatter(_scatter(dw_os, 1, in_idx, in_channels), 0, out_idx, out_channels)
+    if need_centre_input:
+        x_c = centre_tap_input(x_s, tuple(weight.shape[2:]), stride, padding, dilation, list(dy_o.shape[2:]))
+    return grad_x, grad_w, dy_o, x_c
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Adapter gradients reduce over every batch and spatial position: fp32 for 16-bit inputs."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _positions_last(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, C, *spatial) as (C, N·P) in ``dtype``: one GEMM then reduces over batch and space."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1).to(dtype)
+
+
+def _bias_grad(dy_o: Tensor, out_idx: Tensor | None, out_channels: int) -> Tensor:
+    dims = [0, *range(2, dy_o.dim())]
+    return _scatter(dy_o.sum(dims), 0, out_idx, out_channels)
+
+
+# --------------------------------------------------------------------------- SPLoRA
+
+
+def splora_conv_forward(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    bias: Tensor | None,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
+    scale: float,
+    stride: Geometry,
+    padding: Geometry,
+    dilation: Geometry,
+    groups: int,
+) -> Tensor:
+    if groups != 1:
+        return conv_grouped.splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, stride,
+                                                padding, dilation, groups)
+    centre_os = None
+    if lora_a is not None:  # s·B_O A_S: the active block of the adapter, never the full (out, in) product
+        centre_os = scale * (_take(lora_b, 0, out_idx) @ _take(lora_a, 1, in_idx))
+    return _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding, dilation)
+
+
+def splora_conv_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
+    scale: float,
+    stride: Geometry,
+    padding: Geometry,
+    dilation: Geometry,
+    groups: int,
+    output_mask: tuple[bool, bool, bool, bool, bool],
+) -> tuple[Tensor | None, ...]:
+    """Gradients of (x, weight, lora_a, lora_b, bias); ``None`` where not asked for."""
+    need_x, need_w, need_a, need_b, need_bias = output_mask
+    has_lora = lora_a is not None
+    need_a, need_b = need_a and has_lora, need_b and has_lora
+    if groups != 1:
+        return conv_grouped.splora_conv_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, stride,
+                                                 padding, dilation, groups, output_mask)
+    out_channels = weight.shape[0]
+    a_s = _take(lora_a, 1, in_idx) if has_lora else None
+    b_o = _take(lora_b, 0, out_idx) if has_lora else None
+    centre_os = scale * (b_o @ a_s) if has_lora else None
+    grad_x, grad_w, dy_o, x_c = _active_backward(
+        grad_out, x, weight, centre_os, in_idx, out_idx, stride, padding, dilation, need_x, need_w, need_a or need_b
+    )
+    grad_a = grad_b = grad_bias = None
+    if x_c is None:  # not asked for, or an empty channel set (the adapter term is then zero)
+        grad_a = torch.zeros_like(lora_a) if need_a else None
+        grad_b = torch.zeros_like(lora_b) if need_b else None
+    else:
+        acc = _accumulation_dtype(x.dtype)
+        dy_flat, x_c_flat = _positions_last(dy_o, acc), _positions_last(x_c, acc)  # (|O|, N·P), (|S|, N·P)
+        if need_a:
+            u = b_o.to(acc).t() @ dy_flat  # (r, N·P): dy_O through B_O
+            grad_a = _scatter((scale * (u @ x_c_flat.t())).to(x.dtype), 1, in_idx, lora_a.shape[1])
+        if need_b:
+            t = a_s.to(acc) @ x_c_flat  # (r, N·P): the rank-r product A_S x_c
+            grad_b = _scatter((scale * (dy_flat @ t.t())).to(x.dtype), 0, out_idx, out_channels)
+    if need_bias:
+        grad_bias = _bias_grad(dy_o, out_idx, out_channels)
+    return grad_x, grad_w, grad_a, grad_b, grad_bias
+
+
+# --------------------------------------------------------------------------- SPPaRA
+
+
+def sppara_conv_forward(
+    x: Tensor,
+    weight: Tensor,
+    adapter: Tensor,
+    bias: Tensor | None,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
+    stride: Geometry,
+    padding: Geometry,
+    dilation: Geometry,
+    groups: int,
+) -> Tensor:
+    if groups != 1:
+        return conv_grouped.sppara_conv_forward(x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation,
+                                                groups)
+    centre_os = _take(_take(adapter, 0, out_idx), 1, in_idx)
+    return _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding, dilation)
+
+
+def sppara_conv_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    adapter: Tensor,
+    in_idx: Tensor | None,
+    out_idx: Tensor | None,
+    stride: Geometry,
+    padding: Geometry,
+    dilation: Geometry,
+    groups: int,
+    output_mask: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, ...]:
+    """Gradients of (x, weight, adapter, bias); ``None`` where not asked for."""
+    need_x, need_w, need_p, need_bias = output_mask
+    if groups != 1:
+        return conv_grouped.sppara_conv_backward(grad_out, x, weight, adapter, in_idx, out_idx, stride, padding,
+                                                 dilation, groups, output_mask)
+    out_channels = weight.shape[0]
+    centre_os = _take(_take(adapter, 0, out_idx), 1, in_idx)
+    grad_x, grad_w, dy_o, x_c = _active_backward(
+        grad_out, x, weight, centre_os, in_idx, out_idx, stride, padding, dilation, need_x, need_w, need_p
+    )
+    grad_p = grad_bias = None
+    if need_p:
+        if x_c is None:
+            grad_p = torch.zeros_like(adapter)
+        else:  # the centre-tap weight gradient of the active block: Σ dy_O x_cᵀ
+            acc = _accumulation_dtype(x.dtype)
+            dp_os = (_positions_last(dy_o, acc) @ _positions_last(x_c, acc).t()).to(x.dtype)
+            grad_p = _scatter(_scatter(dp_os, 1, in_idx, adapter.shape[1]), 0, out_idx, out_channels)
+    if need_bias:
+        grad_bias = _bias_grad(dy_o, out_idx, out_channels)
+    return grad_x, grad_w, grad_p, grad_bias
+
+
+# At the bottom: conv_grouped imports the helpers above.
+from . import conv_grouped  # noqa: E402
