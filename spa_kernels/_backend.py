@@ -17,7 +17,8 @@ import contextlib
 import logging
 import os
 import threading
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 

@@ -10,7 +10,6 @@ bias (out,), in_idx (|S|,), out_idx (|O|,) int64 or None (all active).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
