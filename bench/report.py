@@ -108,7 +108,9 @@ def print_reports(console: Console, title: str, header: list[str], reports: list
     console.print(Text(title, style="bold"))
     for text in header:
         line(text)
-    for report in reports:
+    for index, report in enumerate(reports):
+        if index and report.notes:  # the first suite's notes continue the run's header
+            console.print()
         for note in report.notes:
             line(note)
         for table in report.tables:
@@ -134,7 +136,9 @@ def print_reports(console: Console, title: str, header: list[str], reports: list
 def to_markdown(title: str, header: list[str], reports: list[SuiteReport]) -> str:
     lines = [f"# {title}", ""]
     lines += [f"- {line}" for line in header]
-    for report in reports:
+    for index, report in enumerate(reports):
+        if index and report.notes:  # else they would read as items of the previous targets list
+            lines += ["", f"## {report.name}", ""]
         lines += [f"- {note}" for note in report.notes]
         for table in report.tables:
             lines += ["", f"## {table.title}", ""]

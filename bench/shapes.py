@@ -101,7 +101,7 @@ RESNET_CONV3X3 = Conv2dShape(
 
 # ResNet-18 on 56 × 56 images: every layer kind of a CNN, small enough for 2 CPU cores.
 RESNET18_56 = NetworkShape(
-    "resnet-18", batch=8, image_size=56, classes=100, stage_channels=(64, 128, 256, 512),
+    "resnet-18", batch=32, image_size=56, classes=100, stage_channels=(64, 128, 256, 512),
     blocks_per_stage=2, rank=16, keep=0.5,
 )
 
