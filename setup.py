@@ -18,7 +18,7 @@ def cpu_extension():
     return CppExtension(
         name="spa_kernels._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cpu")],
+        include_dirs=[os.path.join(ROOT, "csrc", "cpu")],
         extra_compile_args=["-O3", "-fopenmp", "-std=c++20"],
         extra_link_args=["-fopenmp"],
     )
