@@ -185,6 +185,11 @@ def sp_adapters_contender(p: LinearProblem) -> Contender:
     """``sp_adapters.SPLoRALinear`` (training mode) with the same parameters, masked outside."""
     shape = p.shape
     layer_module = sp_adapters.SPLoRALinear(shape.in_features, shape.out_features, bias=True, rank=shape.rank)
+    return sp_adapters_layer_contender(p, layer_module, shape.in_features, shape.out_features)
+
+
+def sp_adapters_layer_contender(p, layer_module: torch.nn.Module, in_width: int, out_width: int) -> Contender:
+    """An sp_adapters SPLoRA layer loaded with ``p``'s tensors, masked by multiplying in and out."""
     # LowRankMatrix ignores device and dtype arguments, so move the whole layer afterwards.
     layer_module = layer_module.to(device=p.x.device, dtype=p.x.dtype)
     with torch.no_grad():
@@ -195,8 +200,8 @@ def sp_adapters_contender(p: LinearProblem) -> Contender:
     layer_module.weight.requires_grad_(False)
     layer_module.train()
     x = _leaf(p.x)
-    in_mask = p.mask(p.in_idx, shape.in_features)
-    out_mask = p.mask(p.out_idx, shape.out_features)
+    in_mask = p.mask(p.in_idx, in_width)
+    out_mask = p.mask(p.out_idx, out_width)
 
     def layer() -> Tensor:
         return layer_module(x * in_mask) * out_mask

@@ -38,11 +38,11 @@ from spa_kernels import functional as spa_functional
 from .anchors import (
     COMPACTED,
     DENSE_MASKED,
-    SP_ADAPTERS,
     Contender,
     Expected,
     _contender,
     _leaf,
+    sp_adapters_layer_contender,
     spa_kernels_name,
 )
 from .shapes import DATA_SEED, Conv2dShape, channel_indices
@@ -185,31 +185,7 @@ def sp_adapters_conv_contender(p: ConvProblem) -> Contender:
     layer_module = sp_adapters.SPLoRAConv2d(
         shape.in_channels, shape.out_channels, shape.kernel_size, padding=shape.padding, bias=True, rank=shape.rank
     )
-    layer_module = layer_module.to(device=p.x.device, dtype=p.x.dtype)  # LowRankMatrix ignores device/dtype
-    with torch.no_grad():
-        layer_module.weight.copy_(p.weight)
-        layer_module.bias.copy_(p.bias)
-        layer_module.adapter.rows.copy_(p.lora_a[None])
-        layer_module.adapter.cols.copy_(p.lora_b[None])
-    layer_module.weight.requires_grad_(False)
-    layer_module.train()
-    x = _leaf(p.x)
-    in_mask = p.mask(p.in_idx, shape.in_channels)
-    out_mask = p.mask(p.out_idx, shape.out_channels)
-
-    def layer() -> Tensor:
-        return layer_module(x * in_mask) * out_mask
-
-    inputs = (x, layer_module.adapter.rows, layer_module.adapter.cols, layer_module.bias)
-    contender = _contender(SP_ADAPTERS, layer, inputs, p.grad_out)
-    adapter_grads = contender.train_step
-
-    def train_step() -> tuple[Tensor, ...]:
-        dx, d_rows, d_cols, dbias = adapter_grads()
-        return dx, d_rows[0], d_cols[0], dbias  # (1, r, in) / (1, out, r) -> A, B shapes
-
-    contender.train_step = train_step
-    return contender
+    return sp_adapters_layer_contender(p, layer_module, shape.in_channels, shape.out_channels)
 
 
 def dense_conv_lora_contender(p: ConvProblem) -> Contender:
