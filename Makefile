@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # numpy < 2.4: the Triton 3.6 interpreter cannot take loop bounds from NumPy 2.4 arrays.
-TEST_DEPS := "numpy<2.4" ninja pybind11 setuptools wheel pytest pytest-timeout hypothesis rich ruff triton==3.6.0
+TEST_DEPS := "numpy<2.4" ninja pybind11 setuptools wheel pytest pytest-timeout hypothesis rich ruff triton==3.6.0 scikit-learn matplotlib
 # sp_adapters is the reference library the modules interoperate with; it and
 # torch-pruning (which it imports) need only torch and numpy, so skip their deps.
 NO_DEPS := structured-pruning-adapters==0.7.1 torch-pruning==1.6.1
