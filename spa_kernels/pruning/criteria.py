@@ -359,7 +359,7 @@ class _GradientBasedCriterion(_DataCriterion):
     def _on_output(self, name: str, module: ChannelMasked, output: Tensor, session: _Session) -> None:
         if not output.requires_grad:
             return
-        # clone: the output may be changed in place later (an in-place ReLU); the
+        # clone: a later in-place op (a fused shift or activation) may change the output; the
         # hook, registered before that, sees the gradient of this very value
         activation = output.detach().clone() if self._needs_activation else None
         key = session.next_key()
