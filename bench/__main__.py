@@ -29,9 +29,10 @@ from .linear import SUITE as LINEAR_SUITE
 from .network import SUITE as NETWORK_SUITE
 from .report import device_name, print_reports, results_path, save, to_markdown
 from .shapes import CPU_THREADS, DTYPES, KEEP_RATIOS
+from .task_switch import SUITE as TASK_SUITE
 from .timing import DEFAULT_BUDGET, QUICK_BUDGET, set_cpu_threads
 
-SUITES: dict[str, Suite] = {suite.name: suite for suite in (LINEAR_SUITE, CONV_SUITE, NETWORK_SUITE)}
+SUITES: dict[str, Suite] = {suite.name: suite for suite in (LINEAR_SUITE, CONV_SUITE, NETWORK_SUITE, TASK_SUITE)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -96,6 +96,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -485,43 +486,66 @@ def _check_header(header: object, payload_bytes: int) -> None:
                 f"metadata of {name!r} is not a dict of integers")
 
 
-def _raw(data: bytearray, start: int, blob: dict) -> Tensor:
-    if blob["bytes"] == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(data, dtype=torch.uint8, count=blob["bytes"], offset=start + blob["offset"])
-
-
 def _decode_tensor(data: bytearray, start: int, blob: dict) -> Tensor:
+    """The stored tensor, sharing memory with ``data`` (no copy on a little-endian host)."""
     dtype = _DTYPES[blob["dtype"]]
-    raw = _raw(data, start, blob)
+    if blob["bytes"] == 0:
+        return torch.empty(blob["shape"], dtype=dtype)
+    offset = start + blob["offset"]
     if sys.byteorder == "big" and dtype.itemsize > 1:
-        raw = raw.reshape(-1, dtype.itemsize).flip(1).reshape(-1)
-    return raw.view(dtype).reshape(blob["shape"])
+        raw = torch.frombuffer(data, dtype=torch.uint8, count=blob["bytes"], offset=offset)
+        return raw.reshape(-1, dtype.itemsize).flip(1).contiguous().view(dtype).reshape(blob["shape"])
+    count = blob["bytes"] // dtype.itemsize
+    return torch.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(blob["shape"])
 
 
-def _decode_bits(data: bytearray, start: int, blob: dict, what: str) -> Tensor:
+def _decode_bits(data: bytearray, start: int, blob: dict, what: str) -> np.ndarray:
+    """A bool mask from its packed bits (numpy: a few microseconds, where torch ops cost more)."""
     count = blob["shape"][0]
-    bits = ((_raw(data, start, blob).unsqueeze(1) >> _SHIFTS) & 1).reshape(-1).bool()
-    _expect(not bool(bits[count:].any()), f"{what} has padding bits set")
-    return bits[:count].clone()
+    packed = np.frombuffer(data, dtype=np.uint8, count=blob["bytes"], offset=start + blob["offset"])
+    bits = np.unpackbits(packed, bitorder="little")
+    _expect(not bits[count:].any(), f"{what} has padding bits set")
+    return bits[:count].astype(bool)
 
 
 # --------------------------------------------------------------------------- staging against a model
 
 
 @dataclass
+class _Write:
+    """``target`` becomes zero except at ``rows`` × ``columns`` (``None``: all), which take ``value``."""
+
+    target: Tensor
+    value: Tensor  # on the target's device, in its dtype
+    rows: Tensor | None
+    columns: Tensor | None
+
+    def apply(self) -> None:
+        if self.rows is None and self.columns is None:
+            self.target.copy_(self.value)
+            return
+        self.target.zero_()
+        if self.rows is None:
+            self.target.index_copy_(1, self.columns, self.value)
+        elif self.columns is None:
+            self.target.index_copy_(0, self.rows, self.value)
+        else:
+            self.target[self.rows.unsqueeze(1), self.columns] = self.value
+
+
+@dataclass
 class _StagedLayer:
-    """Masks and full-width values of one SPA layer, ready to be written."""
+    """Masks and stored entries of one SPA layer, checked and ready to be written."""
 
     layer: ChannelMasked
     in_mask: Tensor
     out_mask: Tensor
-    writes: list[tuple[Tensor, Tensor]]  # (parameter, value of its shape, device and dtype)
+    writes: list[_Write]
 
     def apply(self) -> None:
         self.layer.set_masks(self.in_mask, self.out_mask)
-        for parameter, value in self.writes:
-            parameter.copy_(value)
+        for write in self.writes:
+            write.apply()
 
 
 @dataclass
@@ -581,46 +605,50 @@ def _stage_layer(layer: ChannelMasked, record: dict, data: bytearray, start: int
     tensors = record["tensors"]
     in_mask = _decode_bits(data, start, tensors["in_mask"], f"layer {name!r} in_mask")
     out_mask = _decode_bits(data, start, tensors["out_mask"], f"layer {name!r} out_mask")
-    _expect(in_mask.numel() == description["in"] and out_mask.numel() == description["out"],
-            f"layer {name!r}: mask lengths {in_mask.numel()}, {out_mask.numel()} for "
+    _expect(in_mask.size == description["in"] and out_mask.size == description["out"],
+            f"layer {name!r}: mask lengths {in_mask.size}, {out_mask.size} for "
             f"{description['in']} inputs, {description['out']} outputs")
-    in_idx, out_idx = in_mask.nonzero().flatten(), out_mask.nonzero().flatten()
-    _expect(record["active_in"] == in_idx.numel() and record["active_out"] == out_idx.numel(),
+    in_idx, out_idx = np.flatnonzero(in_mask), np.flatnonzero(out_mask)
+    _expect(record["active_in"] == in_idx.size and record["active_out"] == out_idx.size,
             f"layer {name!r}: active counts disagree with its masks")
 
-    expected: dict[str, tuple[Tensor, tuple[int, ...], int, Tensor | None]] = {}  # key -> (parameter, shape, dim, idx)
+    device = layer.weight.device
+    on_device: dict[str, Tensor] = {}
+
+    def index(which: str, positions: np.ndarray) -> Tensor:
+        if which not in on_device:
+            on_device[which] = torch.from_numpy(positions).to(device)
+        return on_device[which]
+
+    # key -> (target, expected stored shape, rows, columns) with rows/columns as ("in"|"out", indices) or None
     columns = _selects_columns(description)
+    plan: dict[str, tuple[Tensor, tuple[int, ...], tuple | None, tuple | None]] = {}
     if description["adapter"] == "low-rank":
-        rows, cols = layer.adapter.rows, layer.adapter.cols
-        rank, width = rows.shape[1], rows.shape[2]
-        expected["adapter.rows"] = (rows, (rank, in_idx.numel() if columns else width), 1, in_idx if columns else None)
-        expected["adapter.cols"] = (cols, (out_idx.numel(), rank), 0, out_idx)
+        rows, cols = layer.adapter.rows[0], layer.adapter.cols[0]  # A (r × in), B (out × r)
+        plan["adapter.rows"] = (rows, (rows.shape[0], in_idx.size if columns else rows.shape[1]),
+                                None, ("in", in_idx) if columns else None)
+        plan["adapter.cols"] = (cols, (out_idx.size, cols.shape[1]), ("out", out_idx), None)
     elif description["adapter"] == "full":
         adapter = layer.adapter
-        expected["adapter"] = (adapter, (out_idx.numel(), in_idx.numel() if columns else adapter.shape[1]), 0, out_idx)
+        plan["adapter"] = (adapter, (out_idx.size, in_idx.size if columns else adapter.shape[1]),
+                           ("out", out_idx), ("in", in_idx) if columns else None)
     if layer.bias is not None:
-        expected["bias"] = (layer.bias, (out_idx.numel(),), 0, out_idx)
-    _expect(set(tensors) == set(expected) | {"in_mask", "out_mask"},
-            f"layer {name!r} holds tensors {sorted(tensors)}, expected {sorted(set(expected) | {'in_mask', 'out_mask'})}")
+        plan["bias"] = (layer.bias, (out_idx.size,), ("out", out_idx), None)
+    wanted = set(plan) | {"in_mask", "out_mask"}
+    _expect(set(tensors) == wanted, f"layer {name!r} holds tensors {sorted(tensors)}, expected {sorted(wanted)}")
 
     writes = []
-    for key, (parameter, shape, dim, idx) in expected.items():
+    for key, (target, shape, rows_at, columns_at) in plan.items():
         blob = tensors[key]
         _expect(tuple(blob["shape"]) == shape, f"layer {name!r} {key}: shape {blob['shape']} in the package, "
                                                f"{list(shape)} expected from its masks and the model")
         _expect(blob["dtype"] in _DTYPES and _DTYPES[blob["dtype"]].is_floating_point,
                 f"layer {name!r} {key}: dtype {blob['dtype']} is not a float dtype")
-        stored = _decode_tensor(data, start, blob).to(device=parameter.device, dtype=parameter.dtype)
-        target_shape = parameter.shape[1:] if key.startswith("adapter.") else parameter.shape  # rows/cols: 1 × …
-        value = torch.zeros(target_shape, device=parameter.device, dtype=parameter.dtype)
-        if key == "adapter" and columns:  # P[O][:, S]: rows O, columns S
-            value[out_idx.to(parameter.device).unsqueeze(1), in_idx.to(parameter.device)] = stored
-        elif idx is None:
-            value.copy_(stored)
-        else:
-            value.index_copy_(dim, idx.to(parameter.device), stored)
-        writes.append((parameter, value.reshape(parameter.shape)))
-    return _StagedLayer(layer, in_mask, out_mask, writes)
+        value = _decode_tensor(data, start, blob).to(device=target.device, dtype=target.dtype)
+        writes.append(_Write(target, value,
+                             None if rows_at is None else index(*rows_at),
+                             None if columns_at is None else index(*columns_at)))
+    return _StagedLayer(layer, torch.from_numpy(in_mask), torch.from_numpy(out_mask), writes)
 
 
 def _stage_module(module: nn.Module, record: dict, data: bytearray, start: int) -> tuple[nn.Module, dict[str, Tensor]]:
