@@ -149,9 +149,14 @@ def save_task(model: nn.Module, path: PathOrFile, task_specific=()) -> int:
         return len(data)
     path = _check_path(path, "path")
     temporary = f"{os.fspath(path)}.tmp"
-    with open(temporary, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
     return len(data)
 
 
