@@ -54,7 +54,17 @@ def splora_linear(
         x2d, weight.contiguous(), _contiguous(lora_a), _contiguous(lora_b),
         _contiguous(bias), in_idx, out_idx, scale,
     )
-    return y.reshape(*lead, out_features)
+    return _own_storage(y, (*lead, out_features))
+
+
+def _own_storage(y: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``y`` (contiguous) reshaped to ``shape`` as a tensor of its own, not a view.
+
+    An op's output must not be a view: autograd forbids in-place changes to views
+    made inside a custom function (``nn.ReLU(inplace=True)`` after the layer would
+    fail).  Pointing a fresh tensor at ``y``'s storage reshapes without a copy.
+    """
+    return y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), shape, torch.empty(shape, device="meta").stride())
 
 
 @splora_linear.register_fake
@@ -97,7 +107,7 @@ def splora_linear_backward(
             grad2d, x2d, weight.contiguous(), _contiguous(lora_a), _contiguous(lora_b),
             in_idx, out_idx, scale, mask,
         )
-    grad_x = grads[0].reshape(x.shape) if grads[0] is not None else None
+    grad_x = _own_storage(grads[0].contiguous(), tuple(x.shape)) if grads[0] is not None else None
     return (
         _empty_like_missing(grad_x, x),
         _empty_like_missing(grads[1], x),

@@ -136,6 +136,21 @@ def test_gradients_match_oracle_and_vanish_at_pruned_entries(backend):
     assert layer.weight.requires_grad is False
 
 
+@pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["2d", "3d"])
+def test_output_may_be_changed_in_place(backend, lead):
+    # An in-place activation after the layer: the op's output must not be a view.
+    layer = make_layer(backend=backend)
+    x = torch.randn(*lead, layer.in_features, requires_grad=True)
+    grad_out = torch.randn(*lead, layer.out_features)
+    y = layer(x)
+    assert y._base is None
+    torch.relu_(y).backward(grad_out)
+    x64 = x.detach().double().requires_grad_(True)
+    twin = copy.deepcopy(layer).double()
+    (torch.relu(dense_oracle(twin, x64)) * grad_out.double()).sum().backward()
+    assert_close(x.grad, x64.grad, "grad x through an in-place relu")
+
+
 def test_masked_fine_tuning_weight_gradient(backend):
     layer = make_layer(backend=backend)
     layer.weight.requires_grad_(True)
