@@ -31,6 +31,15 @@ RESNET18_NARROW = dataclasses.replace(RESNET18_56, stage_channels=(8, 16, 24, 32
 """ResNet-18's topology (stages, blocks, projections, names) at widths that keep the tests quick."""
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: threads would only wait on each other (and on a busy machine, a lot)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def summary(groups: list[ChannelGroup]) -> list[tuple[int, list[str], list[str], list[str]]]:
     return [(g.size, g.producers, g.consumers, g.norms) for g in groups]
 
@@ -518,3 +527,21 @@ def test_resnet18_pruned_channels_are_exact_zeros_and_match_the_compacted_networ
         # batch statistics of three 1×1 maps (the last stage in training) amplify rounding differences
         tolerance = 1e-3 if train else 1e-5
         torch.testing.assert_close(out, compact(x), rtol=tolerance, atol=tolerance)
+
+
+def test_norm_mask_is_built_once_per_mask_change(residual_cnn, monkeypatch):
+    model = residual_cnn.eval()
+    x = residual_cnn_input()
+    group = channel_groups(model, x)[1]
+    group.apply(model, torch.tensor([True, False] * 4))
+    builds = []
+    original = NormChannelMask._build
+    monkeypatch.setattr(NormChannelMask, "_build", lambda self, *a: builds.append(self.name) or original(self, *a))
+    for _ in range(3):
+        model(x)
+    assert builds == ["block.bn1"]
+    model.block.conv1.set_masks(out_mask=torch.tensor([True, True] * 4))
+    model(x), model(x)
+    assert builds == ["block.bn1"] * 2
+    model.double()(x.double())  # another dtype (and new buffers) needs a new mask
+    assert builds == ["block.bn1"] * 3
