@@ -67,9 +67,9 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 
 @dataclass(eq=False, frozen=True)
 class ChannelMap:
-    """Where a group's channels sit in one layer: group channel ``group_index[k]`` is layer channel ``layer_index[k]``.
+    """Where a group's channels sit in one layer.
 
-    A concatenation shifts the layer index by an offset; a flatten after a
+    Group channel ``group_index[k]`` is layer channel ``layer_index[k]``.  A concatenation shifts the layer index by an offset; a flatten after a
     convolution maps one group channel onto several consecutive linear inputs.
     ``channels`` is the layer's channel count on that side (output channels of a
     producer, input channels of a consumer, channels of a norm).
