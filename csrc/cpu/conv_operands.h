@@ -8,8 +8,11 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <vector>
+
+#include <c10/util/Exception.h>
 
 #include "masked_gemm.h"
 
@@ -33,15 +36,23 @@ struct PatchGeometry {
   int64_t src_plane() const { return src[0] * src[1] * src[2]; }
 };
 
-// Per depth entry: the source channel and the offsets of its tap.
+// Per depth entry: the source channel and which of the distinct tap offsets it uses.
+// Depth entries share few taps (k^d of them), so what depends on the tap alone
+// (where a position reads, and whether it reads padding) is worked out once per
+// tap rather than once per depth entry.
 struct PatchTaps {
   std::vector<int64_t> channel;
-  std::vector<int64_t> off[3];
+  std::vector<int32_t> tap;
+  std::vector<std::array<int64_t, 3>> offsets;  // distinct tap offsets
 
   int64_t size() const { return static_cast<int64_t>(channel.size()); }
+  int64_t tap_count() const { return static_cast<int64_t>(offsets.size()); }
   void add(int64_t c, const int64_t (&o)[3]) {
+    const std::array<int64_t, 3> off{o[0], o[1], o[2]};
+    const auto found = std::find(offsets.begin(), offsets.end(), off);
+    tap.push_back(static_cast<int32_t>(found - offsets.begin()));
+    if (found == offsets.end()) offsets.push_back(off);
     channel.push_back(c);
-    for (int d = 0; d < 3; ++d) off[d].push_back(o[d]);
   }
 };
 
@@ -52,6 +63,15 @@ inline int64_t source_coordinate(int64_t g, int64_t mul, int64_t off, int64_t di
   const int64_t s = div == 1 ? c : c / div;
   return (s >= 0 && s < size) ? s : -1;
 }
+
+// Where one (position, tap) pair reads: channel c is at ptr[c * stride].  A pair
+// that falls on padding (or between strides) points at a zero with stride 0, so
+// packing reads every element the same way, without a branch.
+template <typename S>
+struct PatchSource {
+  const S* ptr;
+  int64_t stride;
+};
 
 // The implicit im2col matrix: logical (position m, kk), or (kk, m) when
 // `transposed` (then the GEMM's depth runs over positions).
@@ -73,94 +93,125 @@ struct PatchOperand {
     n = m / g.grid[0];
   }
 
-  template <typename T>
-  T value(int64_t n, const int64_t (&p)[3], int64_t kk) const {
-    int64_t s[3];
-    for (int d = 0; d < 3; ++d) {
-      s[d] = source_coordinate(p[d], g.mul[d], taps->off[d][kk], g.div[d], g.src[d]);
-      if (s[d] < 0) return T(0);
+  // table[t * count + r]: the source of position m0 + r under tap t, for the
+  // taps marked in `needed` (the others are left unset).
+  void build_sources(int64_t m0, int64_t count, const std::vector<char>& needed,
+                     std::vector<PatchSource<S>>& table) const {
+    static const S zero = S(0);
+    const int64_t tap_count = taps->tap_count(), src_plane = g.src_plane();
+    table.resize(static_cast<size_t>(tap_count * count));
+    int64_t n, p[3];
+    locate(m0, n, p);
+    for (int64_t r = 0; r < count; ++r) {
+      const S* image = data + n * g.channels * src_plane;
+      for (int64_t t = 0; t < tap_count; ++t) {
+        if (!needed[t]) continue;
+        const auto& off = taps->offsets[t];
+        const int64_t s0 = source_coordinate(p[0], g.mul[0], off[0], g.div[0], g.src[0]);
+        const int64_t s1 = source_coordinate(p[1], g.mul[1], off[1], g.div[1], g.src[1]);
+        const int64_t s2 = source_coordinate(p[2], g.mul[2], off[2], g.div[2], g.src[2]);
+        table[t * count + r] = (s0 < 0 || s1 < 0 || s2 < 0)
+                                   ? PatchSource<S>{&zero, 0}
+                                   : PatchSource<S>{image + (s0 * g.src[1] + s1) * g.src[2] + s2, src_plane};
+      }
+      if (++p[2] == g.grid[2]) {
+        p[2] = 0;
+        if (++p[1] == g.grid[1]) {
+          p[1] = 0;
+          if (++p[0] == g.grid[0]) p[0] = 0, ++n;
+        }
+      }
     }
-    const int64_t channel = taps->channel[kk];
-    return static_cast<T>(data[((n * g.channels + channel) * g.src[0] + s[0]) * g.src[1] * g.src[2] +
-                               s[1] * g.src[2] + s[2]]);
   }
 
   template <typename T>
   void pack(int64_t i0, int64_t ni, int64_t k0, int64_t kc, int lanes, T* dst) const {
+    // Per thread: pack runs inside the GEMM's parallel region.
+    thread_local std::vector<PatchSource<S>> table;
+    thread_local std::vector<char> needed;
     const int64_t panel_stride = kc * lanes;
+    needed.assign(static_cast<size_t>(taps->tap_count()), 0);
     if (transposed) {
       // Lanes are depth entries kk, the packed depth runs over positions.
-      for (int64_t j = 0; j < kc; ++j) {
-        int64_t n, p[3];
-        locate(k0 + j, n, p);
-        for (int64_t i = 0; i < ni; ++i) {
-          dst[(i / lanes) * panel_stride + j * lanes + i % lanes] = value<T>(n, p, i0 + i);
-        }
+      for (int64_t i = 0; i < ni; ++i) needed[taps->tap[i0 + i]] = 1;
+      build_sources(k0, kc, needed, table);
+      for (int64_t i = 0; i < ni; ++i) {
+        const PatchSource<S>* src = table.data() + taps->tap[i0 + i] * kc;
+        const int64_t channel = taps->channel[i0 + i];
+        T* out = dst + (i / lanes) * panel_stride + i % lanes;
+        for (int64_t j = 0; j < kc; ++j) out[j * lanes] = static_cast<T>(src[j].ptr[channel * src[j].stride]);
       }
-    } else {
-      // Lanes are positions; within a lane group, runs along the last grid
-      // dimension share everything but the last coordinate.
-      for (int64_t p0 = 0; p0 < ni; p0 += lanes) {
-        T* panel = dst + (p0 / lanes) * panel_stride;
-        const int64_t rows = std::min<int64_t>(lanes, ni - p0);
-        int64_t n, p[3];
-        locate(i0 + p0, n, p);
-        for (int64_t i = 0; i < rows;) {
-          const int64_t run = std::min(rows - i, g.grid[2] - p[2]);
-          const S* image = data + n * g.channels * g.src_plane();
-          const bool plain = g.div[0] == 1 && g.div[1] == 1 && g.div[2] == 1;
-          const int64_t base0 = p[0] * g.mul[0], base1 = p[1] * g.mul[1], base2 = p[2] * g.mul[2];
-          const int64_t step = g.mul[2];
-          for (int64_t kk = k0; kk < k0 + kc; ++kk) {
-            T* out = panel + (kk - k0) * lanes + i;
-            if (plain) {
-              // Forward patches: coordinates are affine in the run, so an
-              // interior run is a strided copy with no per-element checks.
-              const int64_t s0 = base0 + taps->off[0][kk], s1 = base1 + taps->off[1][kk];
-              if (s0 < 0 || s0 >= g.src[0] || s1 < 0 || s1 >= g.src[1]) {
-                std::fill(out, out + run, T(0));
-                continue;
-              }
-              const S* line = image + (taps->channel[kk] * g.src[0] + s0) * g.src[1] * g.src[2] + s1 * g.src[2];
-              const int64_t first = base2 + taps->off[2][kk], last = first + (run - 1) * step;
-              if (first >= 0 && last < g.src[2]) {
-                const S* src = line + first;
-                for (int64_t r = 0; r < run; ++r) out[r] = static_cast<T>(src[r * step]);
-              } else {
-                for (int64_t r = 0; r < run; ++r) {
-                  const int64_t s2 = first + r * step;
-                  out[r] = (s2 >= 0 && s2 < g.src[2]) ? static_cast<T>(line[s2]) : T(0);
-                }
-              }
-              continue;
-            }
-            const int64_t s0 = source_coordinate(p[0], g.mul[0], taps->off[0][kk], g.div[0], g.src[0]);
-            const int64_t s1 = source_coordinate(p[1], g.mul[1], taps->off[1][kk], g.div[1], g.src[1]);
-            if (s0 < 0 || s1 < 0) {
-              std::fill(out, out + run, T(0));
-              continue;
-            }
-            const S* line = image + (taps->channel[kk] * g.src[0] + s0) * g.src[1] * g.src[2] + s1 * g.src[2];
-            const int64_t off = taps->off[2][kk];
-            for (int64_t r = 0; r < run; ++r) {
-              const int64_t s2 = source_coordinate(p[2] + r, g.mul[2], off, g.div[2], g.src[2]);
-              out[r] = s2 < 0 ? T(0) : static_cast<T>(line[s2]);
-            }
-          }
-          i += run;
-          p[2] += run;
-          if (p[2] == g.grid[2]) {
-            p[2] = 0;
-            if (++p[1] == g.grid[1]) {
-              p[1] = 0;
-              if (++p[0] == g.grid[0]) {
-                p[0] = 0;
-                ++n;
-              }
-            }
-          }
+      const int64_t tail = ni % lanes;
+      if (tail != 0) {
+        T* last = dst + (ni / lanes) * panel_stride;
+        for (int64_t j = 0; j < kc; ++j) std::fill(last + j * lanes + tail, last + (j + 1) * lanes, T(0));
+      }
+      return;
+    }
+    // Lanes are positions: one source table for the block's rows, then each
+    // depth entry copies `lanes` elements through it.
+    for (int64_t kk = k0; kk < k0 + kc; ++kk) needed[taps->tap[kk]] = 1;
+    build_sources(i0, ni, needed, table);
+    switch (lanes) {  // a compile-time lane count lets the copies vectorise
+      case 4: return pack_positions<4>(i0, ni, k0, kc, table, dst);
+      case 6: return pack_positions<6>(i0, ni, k0, kc, table, dst);
+      case 8: return pack_positions<8>(i0, ni, k0, kc, table, dst);
+      case 12: return pack_positions<12>(i0, ni, k0, kc, table, dst);
+      case 16: return pack_positions<16>(i0, ni, k0, kc, table, dst);
+      default: TORCH_CHECK(false, "PatchOperand: unsupported lane count ", lanes);
+    }
+  }
+
+ private:
+  // How a panel of positions reads one tap: through the general table (some
+  // lanes on padding), from valid sources, or from one contiguous run.
+  enum class PanelRead : char { general, valid, contiguous };
+
+  template <int L, typename T>
+  void pack_positions(int64_t i0, int64_t ni, int64_t k0, int64_t kc, const std::vector<PatchSource<S>>& table,
+                      T* dst) const {
+    (void)i0;
+    const int64_t tap_count = taps->tap_count(), src_plane = g.src_plane();
+    const int64_t panels = (ni + L - 1) / L;
+    thread_local std::vector<PanelRead> reads;
+    reads.assign(static_cast<size_t>(tap_count * panels), PanelRead::general);
+    for (int64_t t = 0; t < tap_count; ++t) {
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t rows = std::min<int64_t>(L, ni - p * L);
+        const PatchSource<S>* src = table.data() + t * ni + p * L;
+        if (src[0].stride == 0) continue;  // unset (tap not needed) or padding
+        bool valid = true, contiguous = rows == L;
+        for (int64_t r = 1; r < rows; ++r) {
+          valid = valid && src[r].stride != 0;
+          contiguous = contiguous && src[r].ptr == src[0].ptr + r;
         }
-        for (int64_t kk = 0; kk < kc; ++kk) std::fill(panel + kk * lanes + rows, panel + (kk + 1) * lanes, T(0));
+        if (valid) reads[t * panels + p] = contiguous ? PanelRead::contiguous : PanelRead::valid;
+      }
+    }
+    for (int64_t p = 0; p < panels; ++p) {
+      T* panel = dst + p * kc * L;
+      const int64_t rows = std::min<int64_t>(L, ni - p * L);
+      for (int64_t kk = k0; kk < k0 + kc; ++kk) {
+        const int64_t t = taps->tap[kk], channel = taps->channel[kk];
+        const PatchSource<S>* src = table.data() + t * ni + p * L;
+        T* out = panel + (kk - k0) * L;
+        switch (reads[t * panels + p]) {
+          case PanelRead::contiguous: {
+            const S* run = src[0].ptr + channel * src_plane;
+            for (int r = 0; r < L; ++r) out[r] = static_cast<T>(run[r]);
+            break;
+          }
+          case PanelRead::valid: {
+            const int64_t offset = channel * src_plane;
+            for (int64_t r = 0; r < rows; ++r) out[r] = static_cast<T>(src[r].ptr[offset]);
+            for (int64_t r = rows; r < L; ++r) out[r] = T(0);
+            break;
+          }
+          case PanelRead::general:
+            for (int64_t r = 0; r < rows; ++r) out[r] = static_cast<T>(src[r].ptr[channel * src[r].stride]);
+            for (int64_t r = rows; r < L; ++r) out[r] = T(0);
+            break;
+        }
       }
     }
   }
