@@ -252,7 +252,8 @@ def test_ignored_layers_by_name_module_and_container(residual_cnn):
     by_name = channel_groups(residual_cnn, x, ignored_layers=["block.conv1"])
     assert summary(by_name) == [RESIDUAL_CNN_GROUPS[0]] + RESIDUAL_CNN_GROUPS[2:]
     by_module = channel_groups(residual_cnn, x, ignored_layers=[residual_cnn.down.shortcut])
-    assert summary(by_module) == RESIDUAL_CNN_GROUPS[:3]  # the shortcut's channels are the 16-channel stream's
+    # the shortcut writes the 16-channel stream
+    assert summary(by_module) == RESIDUAL_CNN_GROUPS[:3]
     container = channel_groups(residual_cnn, x, ignored_layers=["down"])
     assert summary(container) == RESIDUAL_CNN_GROUPS[:2]
 
@@ -314,7 +315,8 @@ def test_score_is_the_mean_over_producers(residual_cnn):
 def test_score_of_a_flattened_consumer_group_uses_producer_channels_only():
     model = convert(ConcatFlatten(), rank=1)
     group = channel_groups(model, torch.randn(1, 3, 2, 2))[2]
-    torch.testing.assert_close(group.score({"c": torch.tensor([5.0, 4, 3, 2, 1])}), torch.tensor([5.0, 4, 3, 2, 1]))
+    scores = torch.tensor([5.0, 4, 3, 2, 1])
+    torch.testing.assert_close(group.score({"c": scores}), scores)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,7 +369,8 @@ def compact_residual_cnn(model: nn.Module, keeps: list[Tensor]):
 
     m = model
     stem, block_conv1, block_conv2 = m.stem.compact(), m.block.conv1.compact(), m.block.conv2.compact()
-    down_conv1, down_conv2, shortcut = m.down.conv1.compact(), m.down.conv2.compact(), m.down.shortcut[0].compact()
+    down_conv1, down_conv2 = m.down.conv1.compact(), m.down.conv2.compact()
+    shortcut = m.down.shortcut[0].compact()
     head = m.head.compact()
     stem_bn, block_bn1, block_bn2 = norm(m.stem_bn, residual), norm(m.block.bn1, inner_block), norm(
         m.block.bn2, residual)
@@ -475,7 +478,8 @@ def test_install_is_idempotent_copies_are_independent_and_removal_works(residual
     def hooks(m: nn.Module) -> int:
         return sum(isinstance(h, NormChannelMask) for h in m._forward_hooks.values())
 
-    assert [hooks(m) for m in (model.stem_bn, model.block.bn2, model.block.bn1, model.down.bn2)] == [1, 1, 1, 1]
+    norms = (model.stem_bn, model.block.bn2, model.block.bn1, model.down.bn2)
+    assert [hooks(m) for m in norms] == [1, 1, 1, 1]
     twin = copy.deepcopy(model)
     twin.stem.set_masks(out_mask=torch.ones(8, dtype=torch.bool))
     captured = {}
@@ -536,7 +540,8 @@ def test_norm_mask_is_built_once_per_mask_change(residual_cnn, monkeypatch):
     group.apply(model, torch.tensor([True, False] * 4))
     builds = []
     original = NormChannelMask._build
-    monkeypatch.setattr(NormChannelMask, "_build", lambda self, *a: builds.append(self.name) or original(self, *a))
+    monkeypatch.setattr(NormChannelMask, "_build",
+                        lambda self, *a: builds.append(self.name) or original(self, *a))
     for _ in range(3):
         model(x)
     assert builds == ["block.bn1"]

@@ -69,8 +69,9 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 class ChannelMap:
     """Where a group's channels sit in one layer.
 
-    Group channel ``group_index[k]`` is layer channel ``layer_index[k]``.  A concatenation shifts the layer index by an offset; a flatten after a
-    convolution maps one group channel onto several consecutive linear inputs.
+    Group channel ``group_index[k]`` is layer channel ``layer_index[k]``.  A
+    concatenation shifts the layer index by an offset; a flatten after a convolution
+    maps one group channel onto several consecutive linear inputs.
     ``channels`` is the layer's channel count on that side (output channels of a
     producer, input channels of a consumer, channels of a norm).
     """
@@ -291,7 +292,9 @@ def _channel_dim(module: nn.Module, output: Tensor) -> int:
     """The channel dimension of a norm layer's output: last for layer norm, else 1 (0 if unbatched)."""
     if isinstance(module, nn.LayerNorm):
         return output.dim() - 1
-    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and output.dim() == module._get_no_batch_dim():
+    unbatched = isinstance(module, nn.modules.instancenorm._InstanceNorm) and (
+        output.dim() == module._get_no_batch_dim())
+    if unbatched:
         return 0
     return 1
 
@@ -429,7 +432,8 @@ def _cpu_inputs(inputs):
         return {key: _cpu_inputs(value) for key, value in inputs.items()}
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_cpu_inputs(value) for value in inputs)
-    raise TypeError(f"example_inputs must be a tensor, a tuple or list, or a dict, got {type(inputs).__name__}")
+    raise TypeError(f"example_inputs must be a tensor, a tuple or list, or a dict, "
+                    f"got {type(inputs).__name__}")
 
 
 def _ignored_names(model: nn.Module, ignored_layers) -> list[str]:
@@ -447,7 +451,8 @@ def _ignored_names(model: nn.Module, ignored_layers) -> list[str]:
             names.append(layer)
         elif isinstance(layer, nn.Module):
             if layer not in by_module:
-                raise ValueError(f"ignored_layers holds a {type(layer).__name__} that is not a module of model")
+                raise ValueError(f"ignored_layers holds a {type(layer).__name__} that is not a module "
+                                 "of model")
             names.append(by_module[layer])
         else:
             raise TypeError(f"ignored_layers must hold module names or modules, got {type(layer).__name__}")
@@ -477,11 +482,13 @@ def _cpu_copy(tensor: Tensor) -> Tensor:
 
 def _plain_layer(layer: ChannelMasked) -> nn.Module:
     if isinstance(layer, nn.Linear):
-        plain: nn.Module = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+        plain: nn.Module = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None,
+                                     device="meta")
     elif isinstance(layer, _ConvNd):
         conv_type = next(t for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(layer, t))
-        plain = conv_type(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+        plain = conv_type(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                          layer.padding, layer.dilation, layer.groups, layer.bias is not None,
+                          layer.padding_mode, device="meta")
     else:
         raise TypeError(f"no torch counterpart known for the SPA layer {type(layer).__name__}")
     plain = plain.to_empty(device="cpu")
@@ -530,7 +537,8 @@ def _group_from(tp_group, graph, names, layers, output_grad_fns, optype):
     if not pairs["out"]:
         return None, "no SPA layer writes its channels"
     maps = {
-        role: {name: _channel_map(role_pairs[name], channels[role, name]) for name in _ordered(role_pairs, names)}
+        role: {name: _channel_map(role_pairs[name], channels[role, name])
+               for name in _ordered(role_pairs, names)}
         for role, role_pairs in pairs.items()
     }
     covered = torch.zeros(size, dtype=torch.bool)
@@ -554,5 +562,6 @@ def _channel_map(pairs: list[tuple[int, int]], channels: int) -> ChannelMap:
 
 
 __all__ = [
-    "ChannelGroup", "ChannelMap", "NormChannelMask", "channel_groups", "install_norm_masks", "remove_norm_masks",
+    "ChannelGroup", "ChannelMap", "NormChannelMask", "channel_groups", "install_norm_masks",
+    "remove_norm_masks",
 ]
