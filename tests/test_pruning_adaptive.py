@@ -28,6 +28,7 @@ from spa_kernels.pruning.adaptive import (
     spa_layer_costs,
     threshold_keep,
 )
+from spa_kernels.pruning.groups import channel_groups
 
 
 def run_script(search: ThresholdSearch, outcomes: list[Outcome]) -> list[tuple[float, str, float | None]]:
@@ -112,7 +113,7 @@ def test_spa_layer_costs_by_hand():
     positions = {"stem": 64, "block.conv1": 64, "block.conv2": 64, "down.conv1": 16, "down.conv2": 16,
                  "down.shortcut.0": 16, "head": 1}
     flops = spa_layer_costs(model, "flops", residual_cnn_input(batch=3))
-    assert flops == {name: params[name] * positions[name] for name in params}
+    assert flops == {name: 3 * params[name] * positions[name] for name in params}  # batch of 3
     # masks count: 5 of 8 stem outputs, and down.conv2 reads 10 of its 16 inputs
     layers = spa_layers(model)
     layers["stem"].set_masks(out_mask=torch.arange(8) < 5)
@@ -131,6 +132,9 @@ class OneProducerGroup:
 
     def score(self, scores):
         return scores[self.producers[0]]
+
+    def kept(self, model):
+        return spa_layers(model)[self.producers[0]].out_mask.clone()
 
     def apply(self, model, keep):
         layers = spa_layers(model)
@@ -159,6 +163,33 @@ def test_prune_at_threshold_by_hand():
     kept = prune_at_threshold(model, groups, {"fc1": fc1, "fc2": fc2}, 1.2)  # T_g = 0.6
     assert kept == {"fc1": 4, "fc2": 12}
     assert layers["fc1"].out_mask.tolist() == [False] * 12 + [True] * 4
+
+
+def test_prune_at_threshold_on_coupled_groups():
+    model = spa_kernels.convert(ResidualCNN(), rank=2)
+    groups = channel_groups(model, residual_cnn_input())
+    assert [g.producers for g in groups] == [["stem", "block.conv2"], ["block.conv1"], ["down.conv1"],
+                                             ["down.conv2", "down.shortcut.0"]]
+    # P_g: 216 + 576 = 792, 576, 1152, 2304 + 128 = 2432; Σ = 4952.  T = 4952 / 792 gives
+    # T_g = 1, 0.727, 1.455, 3.071
+    residual = torch.tensor([0.5, 0.5, 1.5, 1.5, 1.0, 1.0, 1.0, 1.0])  # mean 1: the two 0.5s go
+    scores = {
+        "stem": residual, "block.conv2": residual, "block.conv1": torch.ones(8), "down.conv1": torch.ones(16),
+        "down.conv2": torch.arange(16.0), "down.shortcut.0": torch.arange(16.0), "head": torch.ones(4),
+    }
+    kept = prune_at_threshold(model, groups, scores, 4952 / 792)
+    # block.conv1: 1 >= 0.727 keeps all; down.conv1: 1 < 1.455 everywhere, the first is kept;
+    # down.conv2: at most 15 / 7.5 = 2 < 3.071, the best (channel 15) is kept
+    assert kept == {"stem": 6, "block.conv1": 8, "down.conv1": 1, "down.conv2": 1}
+    layers = spa_layers(model)
+    residual_kept = [False, False] + [True] * 6
+    for name, side in [("stem", "out_mask"), ("block.conv2", "out_mask"), ("block.conv1", "in_mask"),
+                       ("down.conv1", "in_mask"), ("down.shortcut.0", "in_mask")]:
+        assert getattr(layers[name], side).tolist() == residual_kept, name
+    assert layers["down.conv1"].out_mask.tolist() == [True] + [False] * 15
+    assert layers["down.conv2"].in_mask.tolist() == [True] + [False] * 15
+    for name, side in [("down.conv2", "out_mask"), ("down.shortcut.0", "out_mask"), ("head", "in_mask")]:
+        assert getattr(layers[name], side).tolist() == [False] * 15 + [True], name
 
 
 def test_prune_at_threshold_weighting_by_flops_or_parameters():

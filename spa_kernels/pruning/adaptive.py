@@ -28,8 +28,8 @@ Choices made here, each where the paper leaves room:
   the non-zero weights each round), so a layer that has been pruned gets a smaller
   share of ``T``.  Parameters are the base weights the pruned layer computes with,
   ``|O|·|S|·k`` (``k`` kernel taps, 1 for a linear layer); FLOPs are that times the
-  layer's output positions per sample, measured with one forward of
-  ``example_inputs`` (multiply-accumulates; the factor 2 cancels in ``P_l / Σ P``).
+  layer's output positions in one forward of ``example_inputs`` (multiply-accumulates
+  of the base weights; the factor 2 and the batch size cancel in ``P_l / Σ P``).
 * **Coupled channels are pruned as a group.**  Channels tied by a residual addition
   (:func:`~spa_kernels.pruning.groups.channel_groups`) must go together, so the unit of
   the paper's "layer" is a channel group: its score is the group's combined score
@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from ..nn import ChannelMasked, SPLoRALinear
 from ._layers import spa_layers
+from .accounting import active_macs_by_layer
 
 logger = logging.getLogger(__name__)
 
@@ -184,42 +185,15 @@ def _active_weights(layer: ChannelMasked) -> int:
     return int(layer.out_mask.sum()) * int(layer.in_mask.sum()) * _kernel_taps(layer)
 
 
-def _output_positions(model: nn.Module, layers: Mapping[str, ChannelMasked], example_inputs: Any) -> dict[str, int]:
-    """Output positions per sample of each layer (pixels of a convolution, rows of a linear layer)."""
-    positions: dict[str, int] = {}
-    handles = []
-
-    def hook(name: str, module: nn.Module, output: Tensor) -> None:
-        channels = module.out_mask.numel()
-        per_sample = output.numel() // max(1, output.shape[0])
-        positions[name] = per_sample // channels
-
-    for name, layer in layers.items():
-        handles.append(layer.register_forward_hook(lambda m, _i, o, name=name: hook(name, m, o)))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            if isinstance(example_inputs, tuple):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    missing = [name for name in layers if name not in positions]
-    if missing:
-        raise ValueError(f"example_inputs did not reach the SPA layers {missing}")
-    return positions
-
-
 def spa_layer_costs(model: nn.Module, weighting: str = "parameters", example_inputs: Any = None) -> dict[str, float]:
     """``P_l`` of every SPA layer of ``model`` under its current masks.
 
     ``weighting="parameters"``: ``|O|·|S|·k``.  ``weighting="flops"``: that times the
-    layer's output positions per sample (multiply-accumulates), which needs
-    ``example_inputs`` (a tensor, or a tuple of positional inputs) for one forward.
+    layer's output positions in one forward of ``example_inputs`` (the
+    multiply-accumulates of the base weights,
+    :func:`~spa_kernels.pruning.accounting.active_macs_by_layer` with ``merged=True``);
+    ``example_inputs`` is a tensor, a tuple/list of positional or a dict of keyword
+    arguments.  Only ratios of these costs matter, so the batch size does not.
 
     Raises:
         TypeError: ``model`` not an ``nn.Module``.
@@ -237,8 +211,7 @@ def spa_layer_costs(model: nn.Module, weighting: str = "parameters", example_inp
     if weighting == "flops":
         if example_inputs is None:
             raise ValueError('weighting="flops" needs example_inputs to measure output sizes')
-        positions = _output_positions(model, layers, example_inputs)
-        costs = {name: cost * positions[name] for name, cost in costs.items()}
+        costs = {name: float(macs) for name, macs in active_macs_by_layer(model, example_inputs, merged=True).items()}
     return costs
 
 
@@ -599,15 +572,6 @@ def adaptive_prune(
 # --------------------------------------------------------------------------- pruning at T
 
 
-def _group_active(layers: Mapping[str, ChannelMasked], group: Any) -> Tensor:
-    """Active channels of a group, read from its first producer's ``out_mask``."""
-    producer = layers[group.producers[0]]
-    active = producer.out_mask.detach().to("cpu")
-    if active.numel() != group.size:
-        raise ValueError(f"group of size {group.size} but producer {group.producers[0]!r} has {active.numel()} outputs")
-    return active.clone()
-
-
 def prune_at_threshold(
     model: nn.Module,
     groups: Sequence[Any],
@@ -624,7 +588,8 @@ def prune_at_threshold(
     ``T_g = T · P_g / Σ P`` with ``P_g`` the sum of :func:`spa_layer_costs` over the
     group's producers (see the module docstring for every choice).  ``groups`` are
     :class:`~spa_kernels.pruning.groups.ChannelGroup` objects (``size``,
-    ``producers``, ``score(scores)``, ``apply(model, keep)``); ``scores`` maps SPA-layer
+    ``producers``, ``score(scores)``, ``kept(model)``, ``apply(model, keep)``); the
+    costs are taken before this call prunes anything.  ``scores`` maps SPA-layer
     names to per-output-channel scores (higher = more important), as the criteria
     return them.  Returns the number of channels each group keeps, keyed by the
     group's first producer.
@@ -657,7 +622,9 @@ def prune_at_threshold(
     thresholds = layer_thresholds(threshold, group_costs)
     kept = {}
     for key, group in zip(keys, groups, strict=True):
-        active = _group_active(layers, group)
+        active = group.kept(model).to("cpu")
+        if active.dtype != torch.bool or active.shape != (group.size,):
+            raise ValueError(f"group.kept(model) must be a bool tensor of the group size {group.size}")
         normalised = normalise_scores(group.score(scores).to(torch.float64), active, normalise)
         keep = threshold_keep(normalised, active, thresholds[key], min_channels)
         if not torch.equal(keep, active):
