@@ -29,6 +29,7 @@ if _triton_backend is not None and getattr(_triton_backend, "IMPORTED", False):
 
 from . import nn  # noqa: E402  (modules use the functional layer above)
 from .convert import convert  # noqa: E402
+from . import pruning  # noqa: E402  (masks for the modules above)
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "backends",
     "convert",
     "nn",
+    "pruning",
     "splora_conv1d",
     "splora_conv2d",
     "splora_conv3d",

@@ -2,5 +2,58 @@
 
 A user converts a model (:func:`spa_kernels.convert`), scores its channels with a
 criterion, prunes coupled channel groups to a target with a schedule, and saves a
-per-task package that switches a shared frozen base model to that task.
+per-task package that switches a shared frozen base model to that task::
+
+    model = spa_kernels.convert(base, rank=8)
+    groups = channel_groups(model, example_inputs)
+    iterative_prune(model, TaylorCriterion(), feed, density=0.3, steps=3, groups=groups,
+                    fine_tune=fine_tune)
+    save_task(model, "task.spa", task_specific=["head"])
+    ...
+    load_task(shared_model, "task.spa")   # a few kilobytes; the base is never copied
+
+Modules: ``criteria`` (channel importance), ``groups`` (channels tied by residual
+additions, concatenation and norms, found with torch-pruning), ``schedule`` (one-shot
+and iterative pruning), ``accounting`` (stored parameters and active FLOPs),
+``package`` (task packages), ``adaptive`` (adaptive activation-based pruning) and
+``layerwise`` (layer-wise truncation of adapted models, SLS).
 """
+
+from .accounting import (
+    active_flops,
+    active_macs,
+    active_macs_by_layer,
+    layer_stored_parameters,
+    stored_parameters,
+    stored_parameters_by_layer,
+)
+from .criteria import ActivationCriterion, Criterion, GradientCriterion, MagnitudeCriterion, TaylorCriterion
+from .groups import ChannelGroup, ChannelMap, channel_groups, install_norm_masks, remove_norm_masks
+from .package import load_task, save_task, task_size
+from .schedule import PruneReport, iterative_prune, prune, round_densities
+
+__all__ = [
+    "ActivationCriterion",
+    "ChannelGroup",
+    "ChannelMap",
+    "Criterion",
+    "GradientCriterion",
+    "MagnitudeCriterion",
+    "PruneReport",
+    "TaylorCriterion",
+    "active_flops",
+    "active_macs",
+    "active_macs_by_layer",
+    "channel_groups",
+    "install_norm_masks",
+    "iterative_prune",
+    "layer_stored_parameters",
+    "load_task",
+    "prune",
+    "remove_norm_masks",
+    "round_densities",
+    "save_task",
+    "stored_parameters",
+    "stored_parameters_by_layer",
+    "task_size",
+]
