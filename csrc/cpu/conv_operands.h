@@ -100,19 +100,30 @@ struct PatchOperand {
     static const S zero = S(0);
     const int64_t tap_count = taps->tap_count(), src_plane = g.src_plane();
     table.resize(static_cast<size_t>(tap_count * count));
+    const bool undivided = g.div[0] == 1 && g.div[1] == 1 && g.div[2] == 1;
     int64_t n, p[3];
     locate(m0, n, p);
     for (int64_t r = 0; r < count; ++r) {
       const S* image = data + n * g.channels * src_plane;
+      const int64_t base[3] = {p[0] * g.mul[0], p[1] * g.mul[1], p[2] * g.mul[2]};
       for (int64_t t = 0; t < tap_count; ++t) {
         if (!needed[t]) continue;
         const auto& off = taps->offsets[t];
-        const int64_t s0 = source_coordinate(p[0], g.mul[0], off[0], g.div[0], g.src[0]);
-        const int64_t s1 = source_coordinate(p[1], g.mul[1], off[1], g.div[1], g.src[1]);
-        const int64_t s2 = source_coordinate(p[2], g.mul[2], off[2], g.div[2], g.src[2]);
-        table[t * count + r] = (s0 < 0 || s1 < 0 || s2 < 0)
-                                   ? PatchSource<S>{&zero, 0}
-                                   : PatchSource<S>{image + (s0 * g.src[1] + s1) * g.src[2] + s2, src_plane};
+        int64_t s0, s1, s2;
+        if (undivided) {  // the common case, without source_coordinate's divisions
+          s0 = base[0] + off[0], s1 = base[1] + off[1], s2 = base[2] + off[2];
+          const bool inside = static_cast<uint64_t>(s0) < static_cast<uint64_t>(g.src[0]) &&
+                              static_cast<uint64_t>(s1) < static_cast<uint64_t>(g.src[1]) &&
+                              static_cast<uint64_t>(s2) < static_cast<uint64_t>(g.src[2]);
+          if (!inside) s0 = -1;
+        } else {
+          s0 = source_coordinate(p[0], g.mul[0], off[0], g.div[0], g.src[0]);
+          s1 = source_coordinate(p[1], g.mul[1], off[1], g.div[1], g.src[1]);
+          s2 = source_coordinate(p[2], g.mul[2], off[2], g.div[2], g.src[2]);
+          if (s1 < 0 || s2 < 0) s0 = -1;
+        }
+        table[t * count + r] = s0 < 0 ? PatchSource<S>{&zero, 0}
+                                      : PatchSource<S>{image + (s0 * g.src[1] + s1) * g.src[2] + s2, src_plane};
       }
       if (++p[2] == g.grid[2]) {
         p[2] = 0;
