@@ -1,4 +1,4 @@
-# Verbs for a newcomer: `make test`, `make bench`, `make lint`.
+# Verbs for a newcomer: `make test`, `make bench`, `make examples`, `make lint`.
 # Each sets up what it needs in .venv first (torch from the local CPU build,
 # the extension built in place with ninja), so a fresh clone needs nothing else.
 
@@ -13,7 +13,10 @@ TEST_DEPS := "numpy<2.4" ninja pybind11 setuptools wheel pytest pytest-timeout h
 # torch-pruning (which it imports) need only torch and numpy, so skip their deps.
 NO_DEPS := structured-pruning-adapters==0.7.1 torch-pruning==1.6.1
 
-.PHONY: install build test bench lint clean
+.PHONY: install build test bench examples lint clean
+
+# The seed papers' methods on scikit-learn's digits; each writes a PNG and a table to examples/out/.
+EXAMPLES := examples.adaptive_pruning examples.layerwise_sls examples.spa_vs_finepruning
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +36,11 @@ test: install
 bench: install
 	$(PY) -m bench
 
+examples: install
+	for example in $(EXAMPLES); do $(PY) -m $$example || exit 1; done
+
 lint: $(STAMP)
-	$(PY) -m ruff check spa_kernels tests bench
+	$(PY) -m ruff check spa_kernels tests bench examples
 
 clean:
 	rm -rf build spa_kernels/*.so $(VENV)
