@@ -2,7 +2,8 @@
 //
 //   forward   y_O = [x_S | s t] [W_OS | B_O]^T + b_O,       t  = x_S A_S^T
 //   backward  dx_S = [dy_O | s u] [W_OS ; A_S],              u  = dy_O B_O
-//             dA_S = s u^T x_S,  [dB_O | db_O] = dy_O^T [s t | 1],
+//             dA_S = s u^T x_S,  [dB_O | db_O] = dy_O^T [s t | 1]  (summed from the
+//             dy_O blocks the dx GEMM packs, so dy is read once),
 //             dW_OS = dy_O^T x_S (only when the weight requires grad)
 //
 // The rank-r product is appended to the GEMM's depth, so the adapter costs
@@ -18,6 +19,7 @@
 
 #include "isa.h"
 #include "masked_gemm.h"
+#include "packed_column_sums.h"
 #include "scatter_rows.h"
 
 namespace spa_kernels::cpu {
@@ -179,6 +181,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
     AlignedBuffer<T> u(s.M * s.rank + kSlack);
     const bool dx_computes_u = need_x && s.S.count > 0;
     if (need_a && !dx_computes_u) rank_product<S>(dy_active, b_active, s.M, s.rank, T(scale), u.get(), threads);
+    // [dB_O | db_O] = dy_O^T [s t | 1] (t = x_S A_S^T): summed from the dy blocks
+    // that the dx GEMM packs when there is one, else in a pass of their own.
+    if (need_b) grad_b = at::zeros({s.out, s.rank}, x.options());
+    if (need_bias) grad_bias = at::zeros({s.out}, x.options());
+    const bool adapter_sums = (need_b || need_bias) && s.O.count > 0;
+    const bool dx_sums = adapter_sums && dx_computes_u;
+    const int64_t rank_b = need_b ? s.rank : 0;
+    AlignedBuffer<T> t(dx_sums ? s.M * rank_b + kSlack : 1);
+    if (dx_sums && need_b) {
+      const GatherMatrix<S> a_active{lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false};  // (j, k) = A[j, S[k]]
+      rank_product<S>(rows_of(xp, s.in, s.S), a_active, s.M, s.rank, T(1), t.get(), threads);
+    }
+    PackedColumnSums<T> dy_sums(kernels_for<T>(), t.get(), dx_sums ? rank_b : 0, dx_sums ? s.O.count : 0,
+                                dx_sums ? threads : 0);
+    const PackedBlockHook<T> sum_dy_blocks = std::ref(dy_sums);
     if (need_x) {
       grad_x = at::empty({s.M, s.in}, x.options());
       if (s.S.count == 0) {
@@ -195,7 +212,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
         }
         auto writer = scatter_into(grad_x.data_ptr<S>(), s.in, s.S, in_bits, s.in, s.M, scratch, threads);
         masked_gemm<T>(kernels_for<T>(), s.M, s.S.count, dy_active, b, writer, threads,
-                       s.rank > 0 ? &adapter : nullptr);
+                       s.rank > 0 ? &adapter : nullptr, dx_sums ? &sum_dy_blocks : nullptr);
+      }
+    }
+    if (dx_sums) {
+      S* gb = need_b ? grad_b.data_ptr<S>() : nullptr;
+      S* gbias = need_bias ? grad_bias.data_ptr<S>() : nullptr;
+      for (int64_t o = 0; o < s.O.count; ++o) {
+        const int64_t channel = s.O.ptr ? s.O.ptr[o] : o;
+        for (int64_t j = 0; j < rank_b; ++j) gb[channel * s.rank + j] = static_cast<S>(T(scale) * dy_sums.product(o, j));
+        if (gbias) gbias[channel] = static_cast<S>(dy_sums.colsum(o));
       }
     }
     if (need_a) {
@@ -208,37 +234,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
         masked_gemm<T>(kernels_for<T>(), s.rank, s.S.count, a, x_columns, writer, threads);
       }
     }
-    if (need_b || need_bias) {
+    if (adapter_sums && !dx_sums) {
       // One pass over dy_O^T for both: dB_O = s dy_O^T t and db_O = dy_O^T 1,
       // as the product of dy_O^T with [t | 1] (M x q).
-      if (need_b) grad_b = at::zeros({s.out, s.rank}, x.options());
-      if (need_bias) grad_bias = at::zeros({s.out}, x.options());
-      const int64_t rank_b = need_b ? s.rank : 0, q = rank_b + (need_bias ? 1 : 0);
-      if (s.O.count > 0) {
-        AlignedBuffer<T> t_ones(s.M * q + kSlack);
-        if (need_b) {
-          const GatherMatrix<S> a_active{lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false};  // (j, k) = A[j, S[k]]
-          rank_product<S>(rows_of(xp, s.in, s.S), a_active, s.M, s.rank, T(1), t_ones.get(), threads, q);
-        }
-        if (need_bias) {
-          for (int64_t m = 0; m < s.M; ++m) t_ones.get()[m * q + rank_b] = T(1);
-        }
-        const Operand<T> b{{t_ones.get(), q, nullptr, nullptr, true}, s.M};  // (j, m) = [t | 1][m, j]
-        S* gb = need_b ? grad_b.data_ptr<S>() : nullptr;
-        S* gbias = need_bias ? grad_bias.data_ptr<S>() : nullptr;
-        const T adapter_scale = T(scale);
-        auto writer = [&](int64_t o, T* c, int64_t n0, int64_t n1, int) {
-          const int64_t channel = s.O.ptr ? s.O.ptr[o] : o;
-          for (int64_t n = n0; n < n1; ++n) {
-            if (n < rank_b) {
-              gb[channel * s.rank + n] = static_cast<S>(adapter_scale * c[n - n0]);
-            } else {
-              gbias[channel] = static_cast<S>(c[n - n0]);
-            }
-          }
-        };
-        masked_gemm<T>(kernels_for<T>(), s.O.count, q, dy_columns, b, writer, threads);
+      const int64_t q = rank_b + (need_bias ? 1 : 0);
+      AlignedBuffer<T> t_ones(s.M * q + kSlack);
+      if (need_b) {
+        const GatherMatrix<S> a_active{lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false};  // (j, k) = A[j, S[k]]
+        rank_product<S>(rows_of(xp, s.in, s.S), a_active, s.M, s.rank, T(1), t_ones.get(), threads, q);
       }
+      if (need_bias) {
+        for (int64_t m = 0; m < s.M; ++m) t_ones.get()[m * q + rank_b] = T(1);
+      }
+      const Operand<T> b{{t_ones.get(), q, nullptr, nullptr, true}, s.M};  // (j, m) = [t | 1][m, j]
+      S* gb = need_b ? grad_b.data_ptr<S>() : nullptr;
+      S* gbias = need_bias ? grad_bias.data_ptr<S>() : nullptr;
+      const T adapter_scale = T(scale);
+      auto writer = [&](int64_t o, T* c, int64_t n0, int64_t n1, int) {
+        const int64_t channel = s.O.ptr ? s.O.ptr[o] : o;
+        for (int64_t n = n0; n < n1; ++n) {
+          if (n < rank_b) {
+            gb[channel * s.rank + n] = static_cast<S>(adapter_scale * c[n - n0]);
+          } else {
+            gbias[channel] = static_cast<S>(c[n - n0]);
+          }
+        }
+      };
+      masked_gemm<T>(kernels_for<T>(), s.O.count, q, dy_columns, b, writer, threads);
     }
     if (need_w) {
       grad_w = at::empty({s.out, s.in}, x.options());

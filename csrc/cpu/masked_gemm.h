@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <new>
 
@@ -144,6 +145,13 @@ class AlignedBuffer {
   std::unique_ptr<T, Free> data_;
 };
 
+// Called with each packed block of A while it is in cache:
+// (first row, rows, first depth entry, depth entries, packed block, thread).
+// The block has the layout of pack_block with `mr` lanes; every block of A
+// reaches the hook exactly once, whatever the threads' split.
+template <typename T>
+using PackedBlockHook = std::function<void(int64_t, int64_t, int64_t, int64_t, const T*, int)>;
+
 // Threads to use: torch's setting, and one inside an outer parallel region.
 inline int gemm_threads() {
   return omp_in_parallel() ? 1 : std::max(1, omp_get_max_threads());
@@ -157,7 +165,8 @@ inline int gemm_threads() {
 // micro-panels like pack_block.
 template <typename T, typename OpA, typename OpB, typename Finalize, typename SL = float>
 void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a, const OpB& b,
-                 Finalize&& finalize, int num_threads, const LowRankTerm<SL, T>* low_rank = nullptr) {
+                 Finalize&& finalize, int num_threads, const LowRankTerm<SL, T>* low_rank = nullptr,
+                 const PackedBlockHook<T>* on_packed_a = nullptr) {
   const int64_t K = a.depth;
   if (M <= 0 || N <= 0) return;
   const int mr = kern.mr, nr = kern.nr;
@@ -213,6 +222,8 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
         for (int64_t pc = 0; pc < K; pc += kKC) {
           const int64_t kc = std::min(kKC, K - pc);
           a.pack(mb, rows, pc, kc, mr, packed_a.get());
+          // Split by columns, every thread packs the same blocks: one reports them.
+          if (on_packed_a && (split_rows || tid == 0)) (*on_packed_a)(mb, rows, pc, kc, packed_a.get(), tid);
           auto run_panel = [&](int64_t jp, T* cp) {
             const T* bp = packed_b.get() + jp * K * nr + pc * nr;
             for (int64_t ip = 0; ip < row_panels; ++ip) {
