@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import sys
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import spa_kernels
-from spa_kernels.pruning import layerwise
+from spa_kernels.pruning import layerwise, load_task, save_task
 from spa_kernels.pruning.layerwise import (
     TruncatedBlocks,
     block_features,
@@ -388,6 +389,18 @@ def test_wrapper_keeps_blocks_and_state_dict_names():
     assert list(wrapper.state_dict()) == list(blocks.state_dict()) == [f"{i}.weight" for i in range(5)]
 
 
+def test_wrapper_slices_and_copies():
+    blocks = _counting_blocks()
+    wrapper = TruncatedBlocks(blocks, 2)
+    part = wrapper[1:3]
+    assert type(part) is nn.Sequential
+    assert list(part) == [blocks[1], blocks[2]]
+    assert wrapper[4] is blocks[4]
+    clone = copy.deepcopy(wrapper)
+    assert isinstance(clone, TruncatedBlocks) and clone.depth == 2
+    assert torch.equal(clone(torch.zeros(1)), torch.tensor([11.0]))
+
+
 def test_wrapper_depth_is_validated():
     blocks = _counting_blocks(3)
     with pytest.raises(ValueError, match=r"depth must lie in \[0, 3\]"):
@@ -477,6 +490,26 @@ def test_truncate_gives_exactly_the_prefix_output(adapted):
         # truncating again sets the depth of the same wrapper, back to all blocks here
         assert truncate(model, "body.blocks", 4) is wrapper
         assert torch.equal(model(x), full)
+
+
+def test_depth_travels_in_a_task_package(tmp_path):
+    torch.manual_seed(0)
+    base = spa_kernels.convert(_Net(), rank=2)
+    task, shared = copy.deepcopy(base), copy.deepcopy(base)
+    with torch.no_grad():
+        for name, parameter in task.named_parameters():
+            if "adapter" in name or name.startswith("head"):
+                parameter.normal_()
+    truncate(task, "body.blocks", 2)
+    save_task(task, tmp_path / "task.spa", task_specific=["head"])
+    truncate(shared, "body.blocks", 4)  # a shared model is wrapped once; each task package sets the depth
+    assert load_task(shared, tmp_path / "task.spa") == {"body.blocks": {"depth": 2}}
+    assert shared.body.blocks.depth == 2
+    task.eval()
+    shared.eval()
+    x = torch.randn(2, 2, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(shared(x), task(x))
 
 
 def test_truncate_validates_its_arguments():

@@ -261,7 +261,10 @@ def choose_depth(scores: Sequence[float] | Tensor, alpha: float) -> int:
 
     The rule, as the paper's released code applies it: walk from the last block
     towards the first while the blocks score at least ``T``; stop at the first
-    block (counting from the end) whose score falls under ``T``.  That block
+    block (counting from the end) whose score falls under ``T``.  (Counting from
+    the first block instead would stop almost at once, since early blocks score
+    low, and would keep all blocks whenever none falls under ``T``, which is the
+    very case where the first block is already enough.)  That block
     and every block before it are kept, together with the block right after it,
     which is the shallowest block of the final run of blocks scoring at least
     ``T``: the truncated network ends where the features first reach the
@@ -326,7 +329,9 @@ class TruncatedBlocks(nn.Sequential):
     It holds the very same block modules under the same child names as the
     sequence it is built from, so parameter and buffer names (the state dict)
     do not change: a task's truncated model loads the shared base's weights
-    as is.  The dropped blocks stay in memory but are never called.
+    as is.  The dropped blocks stay in memory but are never called; ``len``,
+    iteration and indexing still see every block (a slice is a plain
+    ``nn.Sequential``).
     ``depth = 0`` runs no block (the identity).  The depth is task-specific and
     travels as one integer through :meth:`task_metadata` /
     :meth:`load_task_metadata` (the task-package protocol).
@@ -346,6 +351,11 @@ class TruncatedBlocks(nn.Sequential):
     @depth.setter
     def depth(self, depth: int) -> None:
         self._depth = _checked_depth(depth, len(self))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # a slice has no depth of its own: a plain Sequential of those blocks
+            return nn.Sequential(OrderedDict(list(self._modules.items())[index]))
+        return super().__getitem__(index)
 
     def forward(self, x):
         for index, block in enumerate(self):
