@@ -278,25 +278,40 @@ struct TapWeights {
   bool by_input = false;
   int64_t depth = 0;
 
+  // The weight offset of element (lane, kk) splits into a part of the lane and
+  // a part of the depth entry, so both are worked out once per panel and the
+  // copy walks the depth with contiguous stores.
   template <typename T>
   void pack(int64_t i0, int64_t ni, int64_t k0, int64_t kc, int lanes, T* dst) const {
-    const int64_t panel_stride = kc * lanes;
+    TORCH_CHECK(ni <= lanes, "TapWeights packs one micro-panel at a time");
+    thread_local std::vector<int64_t> lane_w, lane_p, depth_w, depth_p;
+    const int64_t row = in_channels * taps;  // one output channel's weights
+    auto out_channel = [&](int64_t list) { return out_idx ? out_idx[list] : list; };
+    auto in_channel = [&](int64_t list) { return in_idx ? in_idx[list] : list; };
+    lane_w.resize(ni), lane_p.resize(ni), depth_w.resize(kc), depth_p.resize(kc);
     for (int64_t i = 0; i < ni; ++i) {
-      T* out = dst + (i / lanes) * panel_stride + i % lanes;
-      for (int64_t j = 0; j < kc; ++j) {
-        const int64_t kk = k0 + j, lane = i0 + i;
-        const int64_t o_list = by_input ? kk_index[kk] : lane, c_list = by_input ? lane : kk_index[kk];
-        const int64_t o = out_idx ? out_idx[o_list] : o_list, c = in_idx ? in_idx[c_list] : c_list;
-        const int64_t tap = kk_tap[kk];
-        T v = static_cast<T>(w[(o * in_channels + c) * taps + tap]);
-        if (centre_add && tap == centre) v += static_cast<T>(centre_add[o * in_channels + c]);
-        out[j * lanes] = v;
-      }
+      const int64_t lane = i0 + i;
+      lane_w[i] = by_input ? in_channel(lane) * taps : out_channel(lane) * row;
+      lane_p[i] = by_input ? in_channel(lane) : out_channel(lane) * in_channels;
     }
-    const int64_t tail = ni % lanes;
-    if (tail != 0) {
-      T* last = dst + (ni / lanes) * panel_stride;
-      for (int64_t j = 0; j < kc; ++j) std::fill(last + j * lanes + tail, last + (j + 1) * lanes, T(0));
+    for (int64_t j = 0; j < kc; ++j) {
+      const int64_t kk = k0 + j, list = kk_index[kk], tap = kk_tap[kk];
+      depth_w[j] = (by_input ? out_channel(list) * row : in_channel(list) * taps) + tap;
+      // P's offset at the centre tap, -1 elsewhere.
+      depth_p[j] = centre_add && tap == centre ? (by_input ? out_channel(list) * in_channels : in_channel(list)) : -1;
+    }
+    for (int64_t j = 0; j < kc; ++j) {
+      T* out = dst + j * lanes;
+      const S* w_kk = w + depth_w[j];
+      if (depth_p[j] < 0) {
+        for (int64_t i = 0; i < ni; ++i) out[i] = static_cast<T>(w_kk[lane_w[i]]);
+      } else {
+        const S* p_kk = centre_add + depth_p[j];
+        for (int64_t i = 0; i < ni; ++i) {
+          out[i] = static_cast<T>(w_kk[lane_w[i]]) + static_cast<T>(p_kk[lane_p[i]]);
+        }
+      }
+      for (int64_t i = ni; i < lanes; ++i) out[i] = T(0);
     }
   }
 };
