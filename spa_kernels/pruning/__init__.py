@@ -27,13 +27,17 @@ from .accounting import (
     stored_parameters,
     stored_parameters_by_layer,
 )
+from .adaptive import AdaptivePolicy, AdaptiveResult, ThresholdSearch, adaptive_prune, layer_thresholds
 from .criteria import ActivationCriterion, Criterion, GradientCriterion, MagnitudeCriterion, TaylorCriterion
 from .groups import ChannelGroup, ChannelMap, channel_groups, install_norm_masks, remove_norm_masks
+from .layerwise import TruncatedBlocks, block_scores, choose_depth, truncate
 from .package import load_task, save_task, task_size
 from .schedule import PruneReport, iterative_prune, prune, round_densities
 
 __all__ = [
     "ActivationCriterion",
+    "AdaptivePolicy",
+    "AdaptiveResult",
     "ChannelGroup",
     "ChannelMap",
     "Criterion",
@@ -41,12 +45,18 @@ __all__ = [
     "MagnitudeCriterion",
     "PruneReport",
     "TaylorCriterion",
+    "ThresholdSearch",
+    "TruncatedBlocks",
     "active_flops",
     "active_macs",
     "active_macs_by_layer",
+    "adaptive_prune",
+    "block_scores",
     "channel_groups",
+    "choose_depth",
     "install_norm_masks",
     "iterative_prune",
+    "layer_thresholds",
     "layer_stored_parameters",
     "load_task",
     "prune",
@@ -56,4 +66,5 @@ __all__ = [
     "stored_parameters",
     "stored_parameters_by_layer",
     "task_size",
+    "truncate",
 ]
