@@ -16,4 +16,19 @@ def spa_layers(model: nn.Module) -> dict[str, ChannelMasked]:
     return {name: module for name, module in model.named_modules() if isinstance(module, ChannelMasked)}
 
 
-__all__ = ["spa_layers"]
+def checked_spa_layers(model: nn.Module, purpose: str) -> dict[str, ChannelMasked]:
+    """:func:`spa_layers` of ``model``, which must be a module with at least one SPA layer.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: it has no SPA layer (``purpose`` says what they were wanted for).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = spa_layers(model)
+    if not layers:
+        raise ValueError(f"model has no SPA layers to {purpose}; convert it first with spa_kernels.convert")
+    return layers
+
+
+__all__ = ["checked_spa_layers", "spa_layers"]

@@ -40,18 +40,9 @@ from torch import Tensor, nn
 
 from ..nn import ChannelMasked, SPLoRALinear
 from ..nn._adapter import LowRankAdapter
-from ._layers import spa_layers
+from ._layers import checked_spa_layers
 
 METHODS = (None, "fine-pruning")
-
-
-def _checked_layers(model: nn.Module) -> dict[str, ChannelMasked]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = spa_layers(model)
-    if not layers:
-        raise ValueError("model has no SPA layers to count; convert it first with spa_kernels.convert")
-    return layers
 
 
 def _groups(layer: ChannelMasked) -> int:
@@ -114,7 +105,7 @@ def stored_parameters_by_layer(model: nn.Module, method: str | None = None) -> d
         ValueError: ``model`` has no SPA layers, or ``method`` is unknown.
     """
     _check_method(method)
-    return {name: layer_stored_parameters(layer, method) for name, layer in _checked_layers(model).items()}
+    return {name: layer_stored_parameters(layer, method) for name, layer in checked_spa_layers(model, "count").items()}
 
 
 def stored_parameters(model: nn.Module, method: str | None = None) -> int:
@@ -182,7 +173,7 @@ def active_macs_by_layer(model: nn.Module, example_inputs, *, dense: bool = Fals
         TypeError: ``model`` is not an ``nn.Module`` or ``example_inputs`` of no such kind.
         ValueError: ``model`` has no SPA layers.
     """
-    layers = _checked_layers(model)
+    layers = checked_spa_layers(model, "count")
     positions = dict.fromkeys(layers, 0)
 
     def count(name: str):

@@ -42,22 +42,13 @@ from torch import Tensor, nn
 
 from ..nn import ChannelMasked, SPLoRALinear
 from ..nn._adapter import LowRankAdapter
-from ._layers import spa_layers
+from ._layers import checked_spa_layers
 
 Scores = dict[str, Tensor]
 
 # Rows of a layer whose adapted weight is materialised at once by MagnitudeCriterion:
 # bounded by elements so a wide convolution never needs the whole W + BA.
 _MAGNITUDE_BLOCK_ELEMENTS = 1 << 22
-
-
-def _checked_spa_layers(model: nn.Module) -> dict[str, ChannelMasked]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = spa_layers(model)
-    if not layers:
-        raise ValueError("model has no SPA layers to score; convert it first with spa_kernels.convert")
-    return layers
 
 
 def _samples_channels_positions(output: Tensor, module: ChannelMasked) -> Tensor:
@@ -177,7 +168,7 @@ class MagnitudeCriterion(Criterion):
 
     @contextlib.contextmanager
     def observe(self, model: nn.Module) -> Iterator[None]:
-        _checked_spa_layers(model)
+        checked_spa_layers(model, "score")
         self._model = model
         yield
 
@@ -194,7 +185,7 @@ class MagnitudeCriterion(Criterion):
             model = self._model
             if model is None:
                 raise RuntimeError("MagnitudeCriterion has no model: pass one to scores() or observe() one")
-        return {name: self._layer_scores(layer) for name, layer in _checked_spa_layers(model).items()}
+        return {name: self._layer_scores(layer) for name, layer in checked_spa_layers(model, "score").items()}
 
     @torch.no_grad()
     def _layer_scores(self, layer: ChannelMasked) -> Tensor:
@@ -276,7 +267,7 @@ class _DataCriterion(Criterion):
 
     @contextlib.contextmanager
     def observe(self, model: nn.Module) -> Iterator[None]:
-        layers = _checked_spa_layers(model)
+        layers = checked_spa_layers(model, "score")
         if self._observing:
             raise RuntimeError(f"this {type(self).__name__} is already observing a model")
         session = _Session()
