@@ -148,7 +148,7 @@ def test_prune_at_threshold_by_hand():
     # P: fc1 16·12 = 192, fc2 16·16 = 256; Σ = 448.  T = 1: T_fc1 = 0.4286, T_fc2 = 0.5714
     fc1 = torch.tensor([0.4] * 8 + [1.6] * 8)  # mean 1: the eight 0.4s fall below 0.4286
     fc2 = torch.tensor([0.5] * 4 + [0.6] * 4 + [1.45] * 8)  # mean 1: only the 0.5s fall below 0.5714
-    kept = prune_at_threshold(model, groups, {"fc1": fc1, "fc2": fc2}, 1.0)
+    kept = prune_at_threshold(model, groups, {"fc1": fc1, "fc2": fc2}, 1.0, normalise="mean")
     assert kept == {"fc1": 8, "fc2": 12}
     layers = spa_layers(model)
     assert layers["fc1"].out_mask.tolist() == [False] * 8 + [True] * 8
@@ -160,9 +160,26 @@ def test_prune_at_threshold_by_hand():
     # the pruned channels are 0 and do not count in the mean: fc1 active mean is 1.
     fc1 = torch.tensor([0.0] * 8 + [0.5, 0.5, 0.5, 0.5, 1.5, 1.5, 1.5, 1.5])
     fc2 = torch.tensor([0.0] * 4 + [1.0] * 12)
-    kept = prune_at_threshold(model, groups, {"fc1": fc1, "fc2": fc2}, 1.2)  # T_g = 0.6
+    kept = prune_at_threshold(model, groups, {"fc1": fc1, "fc2": fc2}, 1.2, normalise="mean")  # T_g = 0.6
     assert kept == {"fc1": 4, "fc2": 12}
     assert layers["fc1"].out_mask.tolist() == [False] * 12 + [True] * 4
+
+
+def test_prune_at_threshold_normalises_by_the_maximum_by_default():
+    model = spa_kernels.convert(TinyMLP(), rank=2)
+    groups = [OneProducerGroup("fc1", "fc2", 16), OneProducerGroup("fc2", "head", 16)]
+    layers = spa_layers(model)
+    # P = 192, 256: T = 1 gives T_fc1 = 0.4286, T_fc2 = 0.5714.  fc1 normalised: c / 16 for
+    # c = 1..16, so c = 1..6 go; fc2: 4 / 8 = 0.5 goes, 8 / 8 = 1 stays
+    scores = {"fc1": torch.arange(1.0, 17.0), "fc2": torch.tensor([4.0] * 8 + [8.0] * 8)}
+    assert prune_at_threshold(model, groups, scores, 1.0) == {"fc1": 10, "fc2": 8}
+    assert layers["fc1"].out_mask.tolist() == [False] * 6 + [True] * 10
+    # same T, same scores of the survivors: now P = 10·12 = 120 and 8·10 = 80, so
+    # T_fc1 = 0.6 (c = 7, 8, 9 go: 9 / 16 < 0.6 <= 10 / 16) and T_fc2 = 0.4 (none go)
+    scores = {"fc1": scores["fc1"] * layers["fc1"].out_mask, "fc2": scores["fc2"] * layers["fc2"].out_mask}
+    assert prune_at_threshold(model, groups, scores, 1.0) == {"fc1": 7, "fc2": 8}
+    assert layers["fc1"].out_mask.tolist() == [False] * 9 + [True] * 7
+    assert layers["fc2"].out_mask.tolist() == [False] * 8 + [True] * 8
 
 
 def test_prune_at_threshold_on_coupled_groups():
@@ -177,7 +194,7 @@ def test_prune_at_threshold_on_coupled_groups():
         "stem": residual, "block.conv2": residual, "block.conv1": torch.ones(8), "down.conv1": torch.ones(16),
         "down.conv2": torch.arange(16.0), "down.shortcut.0": torch.arange(16.0), "head": torch.ones(4),
     }
-    kept = prune_at_threshold(model, groups, scores, 4952 / 792)
+    kept = prune_at_threshold(model, groups, scores, 4952 / 792, normalise="mean")
     # block.conv1: 1 >= 0.727 keeps all; down.conv1: 1 < 1.455 everywhere, the first is kept;
     # down.conv2: at most 15 / 7.5 = 2 < 3.071, the best (channel 15) is kept
     assert kept == {"stem": 6, "block.conv1": 8, "down.conv1": 1, "down.conv2": 1}
@@ -198,12 +215,13 @@ def test_prune_at_threshold_weighting_by_flops_or_parameters():
     # parameters: block.conv1 8·8·9 = 576, down.conv1 16·8·9 = 1152 (1 : 2), so at T = 1.5
     # T_block = 0.5 and T_down = 1.0: only down.conv1's 0.7s go
     model = spa_kernels.convert(ResidualCNN(), rank=2)
-    kept = prune_at_threshold(model, groups, scores, 1.5, weighting="parameters")
+    kept = prune_at_threshold(model, groups, scores, 1.5, weighting="parameters", normalise="mean")
     assert kept == {"block.conv1": 8, "down.conv1": 8}
     # FLOPs on 8×8 inputs: 576·64 = 36864 and 1152·16 = 18432 (2 : 1), so T_block = 1.0
     # and T_down = 0.5: only block.conv1's 0.7s go
     model = spa_kernels.convert(ResidualCNN(), rank=2)
-    kept = prune_at_threshold(model, groups, scores, 1.5, weighting="flops", example_inputs=residual_cnn_input())
+    kept = prune_at_threshold(model, groups, scores, 1.5, weighting="flops", example_inputs=residual_cnn_input(),
+                              normalise="mean")
     assert kept == {"block.conv1": 4, "down.conv1": 16}
     assert spa_layers(model)["block.conv2"].in_mask.tolist() == [False] * 4 + [True] * 4
 

@@ -8,7 +8,7 @@ and one global threshold ``T`` is split over the layers in proportion to their s
     T_l = T · P_l / Σ_j P_j
 
 with ``P_l`` the layer's active parameter count (``weighting="parameters"``) or its
-active multiply-accumulates per sample (``weighting="flops"``).  A channel of layer
+active multiply-accumulates (``weighting="flops"``).  A channel of layer
 ``l`` is pruned when its score falls below ``T_l``.  Rounds of prune-at-``T`` then
 retrain repeat while a search moves ``T``: up by ``step`` after a good round, back to
 the last accepted model with half the step after a bad one.  Three policies say what
@@ -16,14 +16,23 @@ the last accepted model with half the step after a bad one.  Three policies say 
 
 Choices made here, each where the paper leaves room:
 
-* **Scores are normalised per layer** before the comparison: each layer's scores are
-  divided by their mean over the layer's still-active channels (``normalise="mean"``,
-  the default).  Raw attention values differ in scale from layer to layer (batch norm,
-  depth, the power ``p``), so without this one ``T`` would mean different things in
-  different layers and different models; after it, ``T_l = 0.5`` prunes the channels
-  that carry less than half of the layer's average attention.  ``normalise="max"``
-  divides by the largest active score; ``normalise="none"`` compares raw scores, as the
-  authors' released code does.
+* **Scores are normalised per layer** before the comparison: by default each layer's
+  scores are divided by the largest score among its still-active channels
+  (``normalise="max"``).  Raw attention values differ in scale from layer to layer
+  (batch norm, depth, the power ``p``), so without this one ``T`` would mean different
+  things in different layers and different models; after it, ``T_l = 0.4`` prunes the
+  channels that carry less than 40% of the layer's strongest channel's attention.  The
+  maximum is used rather than the mean because pruning the weak channels does not
+  move it: applying the same ``T`` again prunes nothing new unless retraining changed
+  the scores (or ``P_l`` moved), whereas the mean of the survivors rises after every
+  round and keeps pulling more channels under the threshold.  ``normalise="mean"``
+  (mean over the active channels) is available, and ``normalise="none"`` compares raw
+  scores, as the authors' released code does.
+* **Where the attention is measured is the caller's choice**: any scores dict works.
+  The paper takes the map after the layer's batch norm and ReLU;
+  :class:`~spa_kernels.pruning.criteria.ActivationCriterion` takes it at the SPA
+  layer's own output, before any batch norm, which rescales every channel to unit
+  variance (the digits example, ``examples/adaptive_pruning.py``, measures both).
 * **P_l is recomputed every round from the current masks** (the authors' code counts
   the non-zero weights each round), so a layer that has been pruned gets a smaller
   share of ``T``.  Parameters are the base weights the pruned layer computes with,
@@ -111,7 +120,7 @@ def layer_thresholds(threshold: float, costs: Mapping[str, float]) -> dict[str, 
     return {name: threshold * cost / total for name, cost in checked.items()}
 
 
-def normalise_scores(scores: Tensor, active: Tensor, how: str = "mean") -> Tensor:
+def normalise_scores(scores: Tensor, active: Tensor, how: str = "max") -> Tensor:
     """``scores`` divided by their mean (or max) over the ``active`` channels; float64.
 
     ``how="none"`` returns the scores unchanged (as float64).  A layer whose active
@@ -580,7 +589,7 @@ def prune_at_threshold(
     *,
     weighting: str = "parameters",
     example_inputs: Any = None,
-    normalise: str = "mean",
+    normalise: str = "max",
     min_channels: int = 1,
 ) -> dict[str, int]:
     """Prune every channel group whose normalised score falls below its ``T_g``.
