@@ -18,10 +18,12 @@ blocks ``|O|·|S|·k`` of the base convolution weights.  Only the channels insid
 residual blocks can be pruned here: the residual stream feeds the plain linear head,
 which holds no mask.
 
-Run time: about 70 s of CPU time with one thread (the retraining rounds take most
-of it).  The networks are tiny, so a second thread gains little; on a machine shared
-with other jobs ``--threads 1`` avoids thread oversubscription, which can slow
-PyTorch down many times over.
+Run time: about 70 s with one thread, the default (the retraining rounds take most
+of it).  The networks are tiny, so more threads gain little, and on a machine shared
+with other jobs they can slow PyTorch down many times over (one run with two threads
+on a busy two-core machine took 340 s).  The thread count changes the order of
+floating-point sums and so the exact numbers, and with them the search's path: the
+results of a seed are reproducible for one thread count on one machine.
 
 Writes ``adaptive_<policy>.png`` (accuracy against parameters, round by round) and
 ``adaptive_<policy>.md`` (the rounds as a table) into ``--out``.
@@ -91,13 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="epochs of SPLoRA adaptation to digits 5-9, plus a third as many to settle (default 30)")
     parser.add_argument("--normalise", choices=("max", "mean", "none"), default="max",
                         help="per-group score normalisation before the threshold (default max)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the networks are tiny, and more threads on a busy "
+                             "machine slow PyTorch down many times over)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.retrain_epochs < 0 or args.pretrain_epochs < 1 or args.adapt_epochs < 1:
         parser.error("--rounds, --pretrain-epochs and --adapt-epochs must be >= 1, --retrain-epochs >= 0")
-    if args.threads is not None and args.threads < 1:
+    if args.threads < 1:
         parser.error("--threads must be at least 1")
     return args
 
@@ -185,8 +188,7 @@ class Run:
 
 def run(args: argparse.Namespace, console: Console | None = None) -> Run:
     started = time.perf_counter()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     task = digits_split(TASK_CLASSES, seed=args.seed)
     fit = validation_split(task, args.seed)

@@ -124,6 +124,14 @@ def test_spa_layer_costs_by_hand():
     assert costs["block.conv1"] == 8 * 8 * 9
 
 
+def test_spa_layer_costs_of_a_depthwise_convolution():
+    model = nn.Sequential(spa_kernels.nn.SPLoRAConv2d(4, 4, 3, padding=1, groups=4, rank=1))
+    assert spa_layer_costs(model) == {"0": 4 * 1 * 9}  # each output reads its own input only
+    model[0].set_masks(in_mask=torch.tensor([True, False, True, True]), out_mask=torch.tensor([True, True, False, True]))
+    # active (output, input) pairs per group: 1·1, 1·0, 0·1, 1·1
+    assert spa_layer_costs(model) == {"0": 2 * 9}
+
+
 class OneProducerGroup:
     """A channel group with one producer and one consumer (what the MLP's hidden layers are)."""
 

@@ -78,7 +78,7 @@ WEIGHTINGS = ("parameters", "flops")
 NORMALISATIONS = ("mean", "max", "none")
 LATENCY_METRICS = ("flops", "latency")
 # Comparisons of accuracy drops and reductions allow this much floating-point slack, so
-# that a drop of exactly the budget (say 96.3 - 95.3 in percent) counts as within it.
+# that a drop of exactly the budget (1.1 - 1.0 against 0.1, say) counts as within it.
 _SLACK = 1e-9
 
 
@@ -121,7 +121,7 @@ def layer_thresholds(threshold: float, costs: Mapping[str, float]) -> dict[str, 
 
 
 def normalise_scores(scores: Tensor, active: Tensor, how: str = "max") -> Tensor:
-    """``scores`` divided by their mean (or max) over the ``active`` channels; float64.
+    """``scores`` divided by their maximum (``how="max"``) or mean over the ``active`` channels; float64.
 
     ``how="none"`` returns the scores unchanged (as float64).  A layer whose active
     scores are all zero (or that has no active channel) is returned unscaled: there is
@@ -190,8 +190,15 @@ def _kernel_taps(layer: ChannelMasked) -> int:
 
 
 def _active_weights(layer: ChannelMasked) -> int:
-    """``|O|·|S|·k``: the base weights the masked layer computes with (groups = 1)."""
-    return int(layer.out_mask.sum()) * int(layer.in_mask.sum()) * _kernel_taps(layer)
+    """``|O|·|S|·k``: the base weights the masked layer computes with.
+
+    In a grouped convolution an output reads only its group's inputs, so ``|O|·|S|``
+    is the number of active (output, input) pairs ``Σ_g |O_g|·|S_g|``.
+    """
+    groups = getattr(layer, "groups", 1)
+    out_per_group = layer.out_mask.detach().cpu().view(groups, -1).sum(dim=1)
+    in_per_group = layer.in_mask.detach().cpu().view(groups, -1).sum(dim=1)
+    return int((out_per_group * in_per_group).sum()) * _kernel_taps(layer)
 
 
 def spa_layer_costs(model: nn.Module, weighting: str = "parameters", example_inputs: Any = None) -> dict[str, float]:
