@@ -18,7 +18,7 @@ blocks ``|O|·|S|·k`` of the base convolution weights.  Only the channels insid
 residual blocks can be pruned here: the residual stream feeds the plain linear head,
 which holds no mask.
 
-Run time: about 70 s with one thread, the default (the retraining rounds take most
+Run time: about 80 s with one thread, the default (the retraining rounds take most
 of it).  The networks are tiny, so more threads gain little, and on a machine shared
 with other jobs they can slow PyTorch down many times over (one run with two threads
 on a busy two-core machine took 340 s).  The thread count changes the order of
@@ -86,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=16, help="round limit (default 16)")
     parser.add_argument("--scores", choices=("post-relu", "spa-output"), default="post-relu",
                         help="where the attention maps are measured (default post-relu, as in the paper)")
-    parser.add_argument("--retrain-epochs", type=int, default=6,
-                        help="epochs of retraining per round, plus a third as many to settle (default 6)")
+    parser.add_argument("--retrain-epochs", type=int, default=9,
+                        help="epochs of retraining per round, plus a third as many to settle (default 9)")
     parser.add_argument("--pretrain-epochs", type=int, default=15, help="epochs of pretraining on digits 0-4")
     parser.add_argument("--adapt-epochs", type=int, default=30,
                         help="epochs of SPLoRA adaptation to digits 5-9, plus a third as many to settle (default 30)")

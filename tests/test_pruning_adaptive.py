@@ -411,6 +411,46 @@ def test_rollback_restores_the_accepted_model_exactly(caplog):
     assert any("round 2" in m and "rollback+halve+stop" in m for m in messages)
 
 
+def test_rollback_with_real_groups_restores_masks_and_norm_zeros():
+    torch.manual_seed(1)
+    model = spa_kernels.convert(ResidualCNN(), rank=2)
+    x = residual_cnn_input(batch=4)
+    groups = channel_groups(model, x)
+    layers = spa_layers(model)
+    # round 1 (T = 1.5) gives the residual group T_g = 1.5 · 792 / 4952 = 0.24: channel 0 goes
+    scores = {name: torch.ones(layer.out_mask.numel()) for name, layer in layers.items()}
+    scores["stem"] = scores["block.conv2"] = torch.tensor([0.1, 0.3, 0.5, 1, 1, 1, 1, 1])
+    accuracies = iter([90.0, 90.0, 0.0])
+    seen = {}
+
+    def on_round(decision):
+        if decision.action == "accept":
+            model.eval()
+            with torch.no_grad():
+                seen["output"] = model(x)
+            seen["masks"] = {name: layer.out_mask.clone() for name, layer in layers.items()}
+
+    result = adaptive_prune(
+        model, AdaptivePolicy.accuracy_critical(1.0, step=1.5, min_step=1.0, max_rounds=5),
+        prune_at=lambda m, t: prune_at_threshold(m, groups, scores, t),
+        retrain=lambda m: None, evaluate=lambda m: next(accuracies),
+        measure=lambda m: Measurement(sum(spa_layer_costs(m).values()), 1.0), on_round=on_round,
+    )
+    assert [r.label for r in result.records] == ["accept", "rollback+halve+stop"]
+    pruned_more = result.records[1].outcome.parameters < result.records[0].outcome.parameters
+    assert pruned_more  # round 2 did prune more, so the rollback had something to undo
+    for name, layer in layers.items():
+        assert torch.equal(layer.out_mask, seen["masks"][name]), name
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), seen["output"])
+        # the batch norm after a pruned residual channel outputs exact zeros again
+        stem_out = model.stem_bn(model.stem(x))
+    pruned = ~layers["stem"].out_mask
+    assert pruned.tolist() == [True] + [False] * 7
+    assert (stem_out[:, 0] == 0).all() and (stem_out[:, 1:] != 0).any()
+
+
 def test_driver_leaves_accepted_state_after_a_final_accept():
     model = spa_kernels.convert(TinyMLP(), rank=2)
     layers = spa_layers(model)
