@@ -27,9 +27,8 @@ except ImportError:  # Triton is optional
 if _triton_backend is not None and getattr(_triton_backend, "IMPORTED", False):
     _backend.register_backend(_triton_backend)
 
-from . import nn  # noqa: E402  (modules use the functional layer above)
+from . import nn, pruning  # noqa: E402  (modules use the functional layer above; pruning, the modules)
 from .convert import convert  # noqa: E402
-from . import pruning  # noqa: E402  (masks for the modules above)
 
 __version__ = "0.1.0"
 
