@@ -113,7 +113,7 @@ def accuracy(model: nn.Module, split: Split) -> float:
 
 
 def pretrained_base(seed: int = 0, width: int = 32, blocks: int = 4, epochs: int = 15) -> DigitsNet:
-    """A DigitsNet trained on the pretraining half of the classes (seeded, a few seconds on 2 cores)."""
+    """A DigitsNet trained on the pretraining half of the classes (seeded; seconds on one idle core)."""
     torch.manual_seed(seed)
     base = DigitsNet(len(PRETRAIN_CLASSES), width=width, blocks=blocks)
     train(base, digits_split(PRETRAIN_CLASSES, seed=seed), epochs=epochs, seed=seed)
