@@ -23,14 +23,17 @@ formula run in it), plus one ulp of the largest value.
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _triton_support import (
+    compile_for_gpu,
+    has_nvidia_compiler,
+    max_error,
+    random_indices,
+    run_without_interpreter,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -100,11 +103,6 @@ class Spec:
         return _per_dim(self.stride, self.dims), padding, dilation
 
 
-def _indices(keep, size: int, gen: torch.Generator) -> Tensor | None:
-    if keep is None:
-        return None
-    count = keep if isinstance(keep, int) else (0 if keep <= 0 else min(size, max(1, round(keep * size))))
-    return torch.randperm(size, generator=gen)[:count].sort().values
 
 
 @dataclasses.dataclass
@@ -147,8 +145,8 @@ def make_case(spec: Spec, dtype: torch.dtype, device: str = "cpu", seed: int = 0
         "adapter": randn(n_out, n_in, std=adapter_std) if spec.sppara else None,
         "bias": randn(n_out) if spec.bias else None,
     }
-    in_idx = _indices(spec.keep_in, n_in, gen)
-    out_idx = _indices(spec.keep_out, n_out, gen)
+    in_idx = random_indices(spec.keep_in, n_in, gen)
+    out_idx = random_indices(spec.keep_out, n_out, gen)
     grad_out = randn(spec.batch, n_out, *output_size(spec))
     return Case(
         spec, tensors, grad_out,
@@ -272,16 +270,6 @@ def run_triton(case: Case, dtype: torch.dtype) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------- comparison
 
 
-def _max_error(actual: Tensor, expected: Tensor) -> tuple[float, str]:
-    if expected.numel() == 0:
-        return 0.0, "empty"
-    diff = (actual.double() - expected.double()).abs().nan_to_num(nan=float("inf"))
-    flat = int(diff.argmax())
-    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
-    return float(diff.reshape(-1)[flat]), (
-        f"max |error| {float(diff.reshape(-1)[flat]):.3e} at {where}: got {float(actual.reshape(-1)[flat]):.6g}, "
-        f"expected {float(expected.reshape(-1)[flat]):.6g}"
-    )
 
 
 def _compare(got: dict[str, Tensor], exact: dict[str, Tensor], yardstick: dict[str, Tensor] | None,
@@ -293,9 +281,9 @@ def _compare(got: dict[str, Tensor], exact: dict[str, Tensor], yardstick: dict[s
         if yardstick is None:
             tolerance = 1e-4 * largest
         else:
-            torch_error, _ = _max_error(yardstick[key], expected)
+            torch_error, _ = max_error(yardstick[key], expected)
             tolerance = 2 * torch_error + torch.finfo(dtype).eps * largest
-        error, report = _max_error(got[key], expected)
+        error, report = max_error(got[key], expected)
         print(f"{dtype} {key} vs {label}: {report}; tolerance {tolerance:.3e}")
         if not error <= tolerance:
             failures.append(f"{key} vs {label}: {report} exceeds {tolerance:.3e}")
@@ -333,7 +321,7 @@ def check(case: Case, dtype: torch.dtype) -> None:
         reference = (run_public(case, "reference", torch.float64) if PUBLIC_API
                      else run_backend(case, spa_kernels.reference, torch.float64))
         for key, expected in exact.items():  # the oracle chain: reference == dense in float64
-            error, report = _max_error(reference[key], expected)
+            error, report = max_error(reference[key], expected)
             largest = float(expected.abs().max()) if expected.numel() else 0.0
             if not error <= 1e-10 * max(largest, 1.0):
                 failures.append(f"reference {key} vs dense float64: {report}")
@@ -469,7 +457,7 @@ def test_backward_returns_only_what_is_asked(which, sppara):
             assert grad is None, f"{name} gradient computed although not asked for"
             continue
         largest = float(expected[name].abs().max())
-        error, report = _max_error(grad, expected[name])
+        error, report = max_error(grad, expected[name])
         assert error <= 1e-4 * largest, f"{name}: {report}"
 
 
@@ -594,34 +582,12 @@ def compile_every_conv_kernel_for_gpu(capabilities: tuple[int, ...]) -> None:
     Small tiles keep compile time down: the code paths, not the tile sizes, are
     what can fail to lower.
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.autotuner import Autotuner
-
     from spa_kernels.triton import conv, conv_backward
 
     assert not conv.INTERPRETED, "kernels were decorated for the interpreter"
 
     def build(kernel, pointer_dtypes, constexprs, config, capability, ones=()):
-        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-        constexprs = {**constexprs, **(config.kwargs if config is not None else {}), **dict.fromkeys(ones, 1)}
-        signature, attrs = {}, {}
-        for i, param in enumerate(fn.params):
-            if param.is_constexpr or param.name in ones:
-                signature[param.name] = "constexpr"
-            elif param.name.endswith("_ptr"):
-                signature[param.name] = "*" + pointer_dtypes.get(param.name, pointer_dtypes["default"])
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif param.name in ("scale", "out_scale"):
-                signature[param.name] = "fp32"
-            else:  # sizes and strides
-                signature[param.name] = "i32"
-        options = {"num_warps": 4}
-        if config is not None:
-            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
-                       options=options)
+        compile_for_gpu(kernel, pointer_dtypes, constexprs, config, capability, ones=ones)
 
     common = {"INPUT_PRECISION": "ieee", "IN_INTERPRETER": False}
     gemm_config = conv.autotune_config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 3)
@@ -660,23 +626,12 @@ def compile_every_conv_kernel_for_gpu(capabilities: tuple[int, ...]) -> None:
         )
 
 
-def _has_nvidia_compiler() -> bool:
-    try:
-        import triton.backends
-    except ImportError:
-        return False
-    return "nvidia" in getattr(triton.backends, "backends", {})
 
 
-@pytest.mark.skipif(not _has_nvidia_compiler(), reason="this Triton has no NVIDIA code generator")
+@pytest.mark.skipif(not has_nvidia_compiler(), reason="this Triton has no NVIDIA code generator")
 def test_conv_kernels_compile_for_hopper_and_ampere():
     """What the interpreter cannot check: every kernel lowers through ptxas for sm_90 and sm_80."""
-    tests = pathlib.Path(__file__).resolve().parent
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
-    code = f"import {pathlib.Path(__file__).stem} as t; t.compile_every_conv_kernel_for_gpu((90, 80))"
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tests, capture_output=True, text=True,
-                          timeout=600)
+    done = run_without_interpreter(__file__, "compile_every_conv_kernel_for_gpu((90, 80))")
     assert done.returncode == 0, done.stderr[-4000:]
 
 

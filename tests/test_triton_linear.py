@@ -15,13 +15,16 @@ float16 at most twice the error of PyTorch's own computation in that dtype
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
+from _triton_support import (
+    compile_for_gpu,
+    has_nvidia_compiler,
+    max_error,
+    random_indices,
+    run_without_interpreter,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -59,11 +62,6 @@ class Spec:
     lead: tuple[int, ...] = ()  # extra leading dims of x before ``rows``
 
 
-def _indices(keep, size: int, gen: torch.Generator) -> Tensor | None:
-    if keep is None:
-        return None
-    count = keep if isinstance(keep, int) else (0 if keep <= 0 else min(size, max(1, round(keep * size))))
-    return torch.randperm(size, generator=gen)[:count].sort().values
 
 
 @dataclasses.dataclass
@@ -90,8 +88,8 @@ def make_case(spec: Spec, dtype: torch.dtype, device: str = "cpu", seed: int = 0
         "lora_b": randn(n_out, spec.rank, std=spec.rank**-0.5) if spec.rank else None,
         "bias": randn(n_out) if spec.bias else None,
     }
-    in_idx = _indices(spec.keep_in, n_in, gen)
-    out_idx = _indices(spec.keep_out, n_out, gen)
+    in_idx = random_indices(spec.keep_in, n_in, gen)
+    out_idx = random_indices(spec.keep_out, n_out, gen)
     grad_out = randn(*spec.lead, spec.rows, n_out)
     return Case(
         spec, tensors, grad_out,
@@ -125,16 +123,6 @@ def run(case: Case, backend: str, dtype: torch.dtype) -> dict[str, Tensor]:
     return result
 
 
-def _max_error(actual: Tensor, expected: Tensor) -> tuple[float, str]:
-    if expected.numel() == 0:
-        return 0.0, "empty"
-    diff = (actual.double() - expected.double()).abs().nan_to_num(nan=float("inf"))
-    flat = int(diff.argmax())
-    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
-    return float(diff.reshape(-1)[flat]), (
-        f"max |error| {float(diff.reshape(-1)[flat]):.3e} at {where}: got {float(actual.reshape(-1)[flat]):.6g}, "
-        f"expected {float(expected.reshape(-1)[flat]):.6g}"
-    )
 
 
 def check(case: Case, dtype: torch.dtype) -> None:
@@ -149,9 +137,9 @@ def check(case: Case, dtype: torch.dtype) -> None:
         if yardstick is None:
             tolerance = 1e-4 * largest
         else:
-            torch_error, _ = _max_error(yardstick[key], expected)
+            torch_error, _ = max_error(yardstick[key], expected)
             tolerance = 2 * torch_error + torch.finfo(dtype).eps * largest
-        error, report = _max_error(got[key], expected)
+        error, report = max_error(got[key], expected)
         print(f"{dtype} {key}: {report}; tolerance {tolerance:.3e}")
         if not error <= tolerance:
             failures.append(f"{key}: {report} exceeds {tolerance:.3e}")
@@ -397,35 +385,12 @@ def compile_every_kernel_for_gpu(capabilities: tuple[int, ...]) -> None:
     JIT functions.  Two variants per kernel: bf16 with every index and fused
     term on and the largest autotune config, fp32 with all off and the smallest.
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.autotuner import Autotuner
-
     from spa_kernels.triton import linear, linear_backward
 
     assert not linear.INTERPRETED, "kernels were decorated for the interpreter"
 
     def build(kernel, pointer_dtypes, constexprs, config, capability):
-        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-        constexprs = {**constexprs, **(config.kwargs if config is not None else {})}
-        signature, attrs = {}, {}
-        for i, param in enumerate(fn.params):
-            if param.is_constexpr:
-                signature[param.name] = "constexpr"
-            elif param.name.endswith("_ptr"):
-                signature[param.name] = "*" + pointer_dtypes.get(param.name, pointer_dtypes["default"])
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif param.name == "scale":
-                signature[param.name] = "fp32"
-            else:  # sizes and strides, specialised as a launch with multiples of 16 would
-                signature[param.name] = "i32"
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        options = {"num_warps": 4}
-        if config is not None:
-            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
-                       options=options)
+        compile_for_gpu(kernel, pointer_dtypes, constexprs, config, capability, divisible_sizes=True)
 
     common = {"INPUT_PRECISION": "ieee", "IN_INTERPRETER": False}
     for capability in capabilities:
@@ -458,23 +423,12 @@ def compile_every_kernel_for_gpu(capabilities: tuple[int, ...]) -> None:
             )
 
 
-def _has_nvidia_compiler() -> bool:
-    try:
-        import triton.backends
-    except ImportError:
-        return False
-    return "nvidia" in getattr(triton.backends, "backends", {})
 
 
-@pytest.mark.skipif(not _has_nvidia_compiler(), reason="this Triton has no NVIDIA code generator")
+@pytest.mark.skipif(not has_nvidia_compiler(), reason="this Triton has no NVIDIA code generator")
 def test_kernels_compile_for_hopper_and_ampere():
     """What the interpreter cannot check: every kernel lowers through ptxas for sm_90 and sm_80."""
-    tests = pathlib.Path(__file__).resolve().parent
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
-    code = f"import {pathlib.Path(__file__).stem} as t; t.compile_every_kernel_for_gpu((90, 80))"
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tests, capture_output=True, text=True,
-                          timeout=600)
+    done = run_without_interpreter(__file__, "compile_every_kernel_for_gpu((90, 80))")
     assert done.returncode == 0, done.stderr[-4000:]
 
 
