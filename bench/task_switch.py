@@ -8,10 +8,12 @@ saved with :func:`spa_kernels.pruning.package.save_task`.
 
 **Size.**  A task package stores, per SPA layer (every convolution and the head),
 the masks, ``A[:, S]``, ``B[O]`` and ``b[O]`` (the convolutions have no bias, the head
-has one), plus a header and a checksum.  Its fine-pruned counterpart is what a
+has one), plus a header and a checksum, deflated losslessly by default (codec 1;
+the uncompressed size is shown beside it).  Its fine-pruned counterpart is what a
 fine-pruned copy of the network must store per task: the active block of every layer
 and its bias on the active outputs, ``|O|·|S|·k + |O|`` values per layer in the same
-dtype (no masks or header counted for it).  The batch norms are frozen with the base
+dtype (no masks or header counted for it); it is also shown deflated by the same
+codec, for a like-for-like comparison.  The batch norms are frozen with the base
 in the first rows; the last row counts them for both: the package stores their full
 state (they are ``task_specific``), the fine-pruned copy their four per-channel
 vectors on the active channels.
@@ -37,6 +39,7 @@ import copy
 import dataclasses
 import os
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,7 +48,7 @@ from torch import Tensor, nn
 
 import spa_kernels
 from spa_kernels.pruning._layers import spa_layers
-from spa_kernels.pruning.package import load_task, save_task
+from spa_kernels.pruning.package import _byte_planes, load_task, save_task, task_size
 
 from . import Progress, RunConfig
 from .anchors import ContenderMismatch, tolerance
@@ -105,6 +108,22 @@ def task_model(base: nn.Module, shape: NetworkShape, rank: int, seed: int) -> tu
     return model.eval(), masks
 
 
+def redraw_norms(base: nn.Module, generator: torch.Generator) -> None:
+    """Give every batch norm values of a trained one.
+
+    Freshly initialised norms (ones, zeros) would deflate to almost nothing and
+    flatter the size of a package that stores them.
+    """
+    with torch.no_grad():
+        for module in base.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                channels = module.num_features
+                module.weight.copy_(1 + 0.2 * torch.randn(channels, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(channels, generator=generator))
+                module.running_mean.copy_(0.1 * torch.randn(channels, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
+
+
 def spa_state(model: nn.Module) -> dict[str, Tensor]:
     """The full-width per-task state of every SPA layer: adapters, bias, masks (not the frozen weight)."""
     state = {}
@@ -125,6 +144,19 @@ def fine_pruned_values(model: nn.Module, masks: Masks, norms: bool) -> int:
     if norms:
         values += sum(4 * int(mask.sum()) for mask in norm_channels(masks).values())
     return values
+
+
+def fine_pruned_deflated_bytes(model: nn.Module) -> int:
+    """The fine-pruned copy's values (as :func:`fine_pruned_values` counts them), deflated like a package's payload."""
+    with torch.no_grad():
+        blocks = []
+        for layer in spa_layers(model).values():
+            out_idx, in_idx = layer.out_mask.nonzero().flatten(), layer.in_mask.nonzero().flatten()
+            blocks.append(layer.weight.index_select(0, out_idx).index_select(1, in_idx).flatten())
+            if layer.bias is not None:
+                blocks.append(layer.bias.index_select(0, out_idx))
+        raw = torch.cat(blocks).cpu().numpy().tobytes()
+    return len(zlib.compress(_byte_planes(raw), 9))
 
 
 def formula_values(model: nn.Module) -> int:
@@ -158,6 +190,7 @@ class TaskSwitchSuite:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(DATA_SEED)
             base = ResNet(shape)
+        redraw_norms(base, torch.Generator().manual_seed(DATA_SEED))
         with tempfile.TemporaryDirectory(prefix="spa-task-bench-") as directory:
             progress.begin("task: package sizes")
             size_table, ratio = self._sizes(base, shape, directory)
@@ -181,8 +214,9 @@ class TaskSwitchSuite:
     @staticmethod
     def _sizes(base: nn.Module, shape: NetworkShape, directory: str) -> tuple[Table, float]:
         dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
-        headers = ["rank", "stored per task", "package B", "DESIGN §1 values B", "fine-pruned B",
-                   "package ÷ fine-pruned", "values ÷ fine-pruned"]
+        headers = ["rank", "stored per task", "package B", "uncompressed B", "DESIGN §1 values B", "fine-pruned B",
+                   "fine-pruned deflated B", "package ÷ fine-pruned", "uncompressed ÷ fine-pruned",
+                   "values ÷ fine-pruned", "package ÷ fine-pruned deflated"]
         rows, target_ratio = [], float("nan")
         for rank in SIZE_RANKS:
             model, masks = task_model(base, shape, rank, MASK_SEED)
@@ -192,22 +226,30 @@ class TaskSwitchSuite:
                 cases.append(("… + batch norms", norm_names(masks), True))
             for what, task_specific, norms in cases:
                 written = save_task(model, os.path.join(directory, f"size-{rank}-{norms}.spa"), task_specific)
+                uncompressed = task_size(model, task_specific, compress=False)
                 fine = fine_pruned_values(model, masks, norms) * element
                 design = formula_values(model) * element
                 if norms:  # the batch norms' full state, as the package stores it
                     design += sum(sum(t.numel() * t.element_size() for t in model.get_submodule(n).state_dict().values())
                                   for n in task_specific)
-                rows.append([str(rank), what, f"{written:,}", f"{design:,}", f"{fine:,}",
-                             f"{100 * written / fine:.2f}%", f"{100 * design / fine:.2f}%"])
+                fine_deflated = fine_pruned_deflated_bytes(model) if not norms else None
+                rows.append([str(rank), what, f"{written:,}", f"{uncompressed:,}", f"{design:,}", f"{fine:,}",
+                             "" if fine_deflated is None else f"{fine_deflated:,}",
+                             f"{100 * written / fine:.2f}%", f"{100 * uncompressed / fine:.2f}%",
+                             f"{100 * design / fine:.2f}%",
+                             "" if fine_deflated is None else f"{100 * written / fine_deflated:.2f}%"])
                 if rank == shape.rank and not norms:
                     target_ratio = written / fine
         notes = [
             f"sizes in bytes, {dtype}; package = the file save_task writes (header, bit-packed masks, "
-            "active adapter and bias entries, SHA-256); DESIGN §1 values = r·(|O|+|S|)+|O| per layer "
+            "active adapter and bias entries, SHA-256), deflated with its byte planes (the default, lossless); "
+            "uncompressed = the same with compress=False; DESIGN §1 values = r·(|O|+|S|)+|O| per layer "
             "(|O| only with a bias: the convolutions have none, the head has one), no masks or header; "
-            "the package's overhead over it is the header (names, shapes, offsets: ~0.5 kB per layer).",
+            "the uncompressed package's overhead over it is the header (names, shapes, offsets: ~0.5 kB per layer).",
             "fine-pruned = |O|·|S|·k + |O| per layer (bias only where the layer has one), no masks or header: "
-            "the active block of every convolution and of the head.",
+            "the active block of every convolution and of the head; fine-pruned deflated = those values "
+            "deflated by the package's codec (the base here is randomly initialised, as trained weights "
+            "roughly are at the byte level). The target is package ÷ fine-pruned.",
             "… + batch norms: the package (and its values column) also holds every batch norm's full state "
             "(task_specific); the fine-pruned copy their weight, bias, running mean and variance on the active "
             "channels.",

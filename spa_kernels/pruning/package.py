@@ -32,7 +32,7 @@ parameters' device and dtype before the first write: a bad package raises
 that cannot be checked in advance; it runs before the tensor writes, so that if it
 raises, no tensor has been written.)
 
-Format (version 1)
+Format (version 2)
 ------------------
 
 All integers little-endian.  Nothing in a package is executed on load: the header
@@ -42,15 +42,26 @@ is JSON and the tensors are raw bytes.
 bytes      content
 =========  =====================================================================
 8          magic ``b"SPATASK\\0"``
-4          format version, uint32 (1)
-4          header length ``H`` in bytes, uint32
+4          format version, uint32 (2)
+4          codec, uint32: 0 = stored, 1 = deflate
+8          header length ``H`` in bytes, uint64 (a multiple of 16)
 8          payload length ``P`` in bytes, uint64
-H          header: UTF-8 JSON, padded with spaces so the payload starts at a
-           multiple of 16
-P          payload: the tensors' raw little-endian bytes, each at a multiple of
-           16 from the payload's start, zero bytes in between
+8          body length ``L`` in bytes, uint64
+L          body: header and payload, as the codec stores them (below)
 32         SHA-256 of everything above
 =========  =====================================================================
+
+The header is ``H`` bytes of UTF-8 JSON padded with spaces; the payload is the
+tensors' raw little-endian bytes, each at a multiple of 16 from the payload's
+start, zero bytes in between.  Codec 0 stores header then payload as they are
+(``L = H + P``).  Codec 1, the default, stores the zlib stream (RFC 1950) of the
+header followed by the payload's *byte planes*: the first ``4·⌊P/4⌋`` bytes read
+as 4-byte words are written as byte 0 of every word, then byte 1, byte 2, byte 3,
+and the last ``P mod 4`` bytes follow as they are.  Grouping the bytes by position
+puts the sign and exponent bytes of float32 values together, where deflate finds
+their redundancy (the mantissa bytes are close to random), so the planes deflate
+to about 86 % of the raw values, losslessly; the ~0.5 kB of JSON per layer deflate
+to a tenth.
 
 The header is a JSON object::
 
@@ -93,6 +104,7 @@ import math
 import os
 import struct
 import sys
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -104,10 +116,14 @@ from ..nn import ChannelMasked
 from ._layers import spa_layers
 
 MAGIC = b"SPATASK\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMAT_NAME = "spa_kernels task package"
+CODEC_STORED = 0
+CODEC_DEFLATE = 1
 
-_PREFIX = struct.Struct("<8sIIQ")  # magic, version, header length, payload length
+_PREFIX = struct.Struct("<8sIIQQQ")  # magic, version, codec, header, payload and body lengths
+_PLANE_WORD = 4  # bytes per word whose byte planes codec 1 deflates: float32's size
+_DEFLATE_LEVEL = 9  # packages are small: the best ratio costs a few milliseconds
 _DIGEST_BYTES = hashlib.sha256().digest_size
 _ALIGN = 16
 _BITS = "bits"
@@ -126,7 +142,7 @@ PathOrFile = str | os.PathLike | BinaryIO
 # --------------------------------------------------------------------------- public API
 
 
-def save_task(model: nn.Module, path: PathOrFile, task_specific=()) -> int:
+def save_task(model: nn.Module, path: PathOrFile, task_specific=(), *, compress: bool = True) -> int:
     """Write the task package of ``model`` to ``path``; return the number of bytes written.
 
     Args:
@@ -136,6 +152,8 @@ def save_task(model: nn.Module, path: PathOrFile, task_specific=()) -> int:
         task_specific: modules the task owns outright, stored as full state dicts:
             qualified names or the modules themselves (one of either, or a
             sequence).  SPA layers inside them are stored in full, not as adapters.
+        compress: deflate the header and the payload's byte planes (codec 1, lossless:
+            loading gives back the same bits); ``False`` stores them as they are (codec 0).
 
     Raises:
         TypeError: ``model`` is not a module, ``task_specific`` holds something other
@@ -143,7 +161,7 @@ def save_task(model: nn.Module, path: PathOrFile, task_specific=()) -> int:
         ValueError: a ``task_specific`` entry is not part of ``model``, or two
             entries nest.
     """
-    data = _encode(model, task_specific)
+    data = _encode(model, task_specific, compress)
     if hasattr(path, "write"):
         path.write(data)
         return len(data)
@@ -192,10 +210,10 @@ def load_task(model: nn.Module, path: PathOrFile) -> dict[str, dict[str, int]]:
     return {name: dict(metadata) for name, metadata in plan.metadata.items()}
 
 
-def task_size(path_or_model: PathOrFile | nn.Module, task_specific=()) -> int:
+def task_size(path_or_model: PathOrFile | nn.Module, task_specific=(), *, compress: bool = True) -> int:
     """Bytes of a task package: the size of the file at a path, or what ``save_task`` would write for a model."""
     if isinstance(path_or_model, nn.Module):
-        return len(_encode(path_or_model, task_specific))
+        return len(_encode(path_or_model, task_specific, compress))
     if task_specific:
         raise ValueError("task_specific applies to a model, not to a saved package")
     return os.path.getsize(_check_path(path_or_model, "path_or_model"))
@@ -351,7 +369,7 @@ def _layer_record(name: str, layer: ChannelMasked, writer: _PayloadWriter) -> di
     return record
 
 
-def _encode(model: nn.Module, task_specific) -> bytes:
+def _encode(model: nn.Module, task_specific, compress: bool) -> bytes:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     owned = _resolve_task_specific(model, task_specific)
@@ -372,9 +390,28 @@ def _encode(model: nn.Module, task_specific) -> bytes:
         {"format": FORMAT_NAME, "layers": layers, "modules": modules, "metadata": metadata},
         separators=(",", ":"), allow_nan=False,
     ).encode("utf-8")
-    header += b" " * ((-(_PREFIX.size + len(header))) % _ALIGN)
-    body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), writer.size), header, *writer.chunks])
-    return body + hashlib.sha256(body).digest()
+    header += b" " * ((-len(header)) % _ALIGN)
+    payload = b"".join(writer.chunks)
+    if compress:
+        codec, body = CODEC_DEFLATE, zlib.compress(header + _byte_planes(payload), _DEFLATE_LEVEL)
+    else:
+        codec, body = CODEC_STORED, header + payload
+    prefixed = _PREFIX.pack(MAGIC, FORMAT_VERSION, codec, len(header), len(payload), len(body)) + body
+    return prefixed + hashlib.sha256(prefixed).digest()
+
+
+def _byte_planes(payload: bytes) -> bytes:
+    """Codec 1's layout of the payload: its 4-byte words as byte planes, then the tail bytes."""
+    whole = len(payload) - len(payload) % _PLANE_WORD
+    words = np.frombuffer(payload, dtype=np.uint8, count=whole).reshape(-1, _PLANE_WORD)
+    return words.T.tobytes() + payload[whole:]
+
+
+def _from_byte_planes(planes: bytearray, start: int) -> None:
+    """Undoes :func:`_byte_planes` in place on ``planes[start:]``."""
+    whole = (len(planes) - start) - (len(planes) - start) % _PLANE_WORD
+    view = np.frombuffer(planes, dtype=np.uint8, count=whole, offset=start)
+    view[:] = view.reshape(_PLANE_WORD, -1).T.reshape(-1)  # the right side is a copy, so this is safe
 
 
 # --------------------------------------------------------------------------- reading and parsing
@@ -409,7 +446,7 @@ def _expect(condition: bool, message: str) -> None:
 
 
 def _parse(data: bytearray, where: str) -> tuple[dict, bytearray, int]:
-    """Check prefix, length and checksum; return the header, the data and the payload's start."""
+    """Check prefix, lengths and checksum, undo the codec; return the header, the decoded body and the payload's start."""
 
     def fail(message: str) -> ValueError:
         return ValueError(f"task package {where}: {message}")
@@ -421,25 +458,55 @@ def _parse(data: bytearray, where: str) -> tuple[dict, bytearray, int]:
         raise fail(f"not a task package (magic {bytes(data[:len(MAGIC)])!r}, expected {MAGIC!r})")
     if len(data) < smallest:
         raise fail(f"truncated: {len(data)} bytes, a package has at least {smallest}")
-    _, version, header_bytes, payload_bytes = _PREFIX.unpack_from(data)
+    _, version, codec, header_bytes, payload_bytes, body_bytes = _PREFIX.unpack_from(data)
     if version != FORMAT_VERSION:
         raise fail(f"format version {version}; this version of spa_kernels reads version {FORMAT_VERSION}")
-    expected = _PREFIX.size + header_bytes + payload_bytes + _DIGEST_BYTES
+    expected = _PREFIX.size + body_bytes + _DIGEST_BYTES
     if len(data) < expected:
         raise fail(f"truncated: {len(data)} bytes, its prefix announces {expected}")
     if len(data) > expected:
         raise fail(f"{len(data) - expected} unexpected bytes after the checksum ({expected} announced)")
-    body = memoryview(data)[: expected - _DIGEST_BYTES]
-    if hashlib.sha256(body).digest() != bytes(data[expected - _DIGEST_BYTES:]):
+    if hashlib.sha256(memoryview(data)[: expected - _DIGEST_BYTES]).digest() != bytes(data[expected - _DIGEST_BYTES:]):
         raise fail("checksum mismatch: the package is corrupt")
     try:
-        header = json.loads(bytes(data[_PREFIX.size: _PREFIX.size + header_bytes]).decode("utf-8"))
+        decoded = _decode_body(data[_PREFIX.size: expected - _DIGEST_BYTES], codec, header_bytes, payload_bytes)
+        header = json.loads(bytes(decoded[:header_bytes]).decode("utf-8"))
         _check_header(header, payload_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise fail(f"malformed header: {error}") from None
     except _Malformed as error:
         raise fail(f"malformed header: {error}") from None
-    return header, data, _PREFIX.size + header_bytes
+    except _Undecodable as error:
+        raise fail(str(error)) from None
+    return header, decoded, header_bytes
+
+
+class _Undecodable(Exception):
+    """A body its codec cannot turn into the announced header and payload."""
+
+
+def _decode_body(body: bytearray, codec: int, header_bytes: int, payload_bytes: int) -> bytearray:
+    """Header followed by payload, as the codec stored them (the payload starts at ``header_bytes``)."""
+    size = header_bytes + payload_bytes
+    if header_bytes % _ALIGN:
+        raise _Undecodable(f"header length {header_bytes} is not a multiple of {_ALIGN}")
+    if codec == CODEC_STORED:
+        if len(body) != size:
+            raise _Undecodable(f"stored body of {len(body)} bytes for a {header_bytes}-byte header and "
+                               f"a {payload_bytes}-byte payload")
+        return body
+    if codec != CODEC_DEFLATE:
+        raise _Undecodable(f"unknown codec {codec} (this version reads {CODEC_STORED} and {CODEC_DEFLATE})")
+    inflater = zlib.decompressobj()
+    try:
+        decoded = bytearray(inflater.decompress(body, size))  # never more than announced
+    except zlib.error as error:
+        raise _Undecodable(f"corrupt deflate stream: {error}") from None
+    if len(decoded) != size or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise _Undecodable(f"the deflate stream does not hold the announced {size} bytes "
+                           f"(header {header_bytes}, payload {payload_bytes})")
+    _from_byte_planes(decoded, header_bytes)
+    return decoded
 
 
 def _is_int(value: object) -> bool:
@@ -677,4 +744,4 @@ def _stage_module(module: nn.Module, record: dict, data: bytearray, start: int) 
     return module, state
 
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "load_task", "save_task", "task_size"]
+__all__ = ["CODEC_DEFLATE", "CODEC_STORED", "FORMAT_VERSION", "MAGIC", "load_task", "save_task", "task_size"]
