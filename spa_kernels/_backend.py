@@ -101,7 +101,7 @@ def _requested(backend: str | None) -> str:
     from_env = os.environ.get(ENV_VARIABLE)
     if from_env:
         return _check_name(from_env.strip().lower(), ENV_VARIABLE)
-    return _check_name(backend or "auto")
+    return "auto"  # backend is None or "auto" here
 
 
 def _implements(impl: Backend, op: str) -> bool:

@@ -2,6 +2,10 @@
 
 Everything here runs before any kernel, so a bad call fails with a message that
 names the argument instead of crashing or reading out of bounds.
+
+The checks run on every forward of every layer, so the common cases take a short
+road first (exact ``int``/``tuple`` types, shapes read once); anything else goes
+down the general path, which decides and words every error.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+_INT64 = torch.int64
 
 
 def check_tensor(t: object, name: str, *, ndim: int | None = None, min_ndim: int | None = None) -> Tensor:
@@ -135,6 +140,14 @@ PADDING_MODES = ("same", "valid")
 
 def _int_tuple(value: object, name: str, d: int) -> tuple[int, ...]:
     """An int, or a tuple/list of ``d`` ints, as a tuple of ``d`` Python ints."""
+    if type(value) is tuple and len(value) == d:  # what modules pass: nothing to convert
+        for item in value:
+            if type(item) is not int:
+                break
+        else:
+            return value
+    elif type(value) is int:
+        return (value,) * d
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return (int(value),) * d
     if isinstance(value, (tuple, list)):
@@ -148,6 +161,8 @@ def _int_tuple(value: object, name: str, d: int) -> tuple[int, ...]:
 
 
 def check_groups(groups: object) -> int:
+    if type(groups) is int and groups >= 1:
+        return groups
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
         raise TypeError(f"groups must be an int, got {type(groups).__name__}")
     if groups < 1:
@@ -207,26 +222,29 @@ def _check_conv_tensors(d: int | None, x: object, weight: object, bias: object, 
     check_float_tensor(x, "x", x, "x")
     check_float_tensor(weight, "weight", x, "x")
     groups = check_groups(groups)
-    out_channels, in_channels = weight.shape[0], x.shape[1]
-    if min(weight.shape[:2]) < 1:
-        raise ValueError(f"weight must have at least one output and one input channel, got shape {tuple(weight.shape)}")
-    for k in weight.shape[2:]:
+    x_shape, w_shape = x.shape, weight.shape
+    out_channels, in_channels = w_shape[0], x_shape[1]
+    if out_channels < 1 or w_shape[1] < 1:
+        raise ValueError(
+            f"weight must have at least one output and one input channel, got shape {tuple(w_shape)}"
+        )
+    for k in w_shape[2:]:
         if k % 2 == 0:
             raise ValueError(
-                f"weight has kernel size {tuple(weight.shape[2:])}; every kernel size must be odd, "
+                f"weight has kernel size {tuple(w_shape[2:])}; every kernel size must be odd, "
                 "because the adapter sits at the kernel's centre tap"
             )
     if in_channels % groups or out_channels % groups:
         raise ValueError(
             f"groups={groups} must divide both the input channels ({in_channels}) and the output channels ({out_channels})"
         )
-    if weight.shape[1] * groups != in_channels:
+    if w_shape[1] * groups != in_channels:
         raise ValueError(
-            f"x has {in_channels} channels but weight of shape {tuple(weight.shape)} with groups={groups} "
-            f"expects {weight.shape[1] * groups}"
+            f"x has {in_channels} channels but weight of shape {tuple(w_shape)} with groups={groups} "
+            f"expects {w_shape[1] * groups}"
         )
-    if min(x.shape[2:]) < 1:
-        raise ValueError(f"x must have non-empty spatial dimensions, got shape {tuple(x.shape)}")
+    if min(x_shape[2:]) < 1:
+        raise ValueError(f"x must have non-empty spatial dimensions, got shape {tuple(x_shape)}")
     if bias is not None:
         check_tensor(bias, "bias", ndim=1)
         check_float_tensor(bias, "bias", x, "x")
@@ -236,6 +254,12 @@ def _check_conv_tensors(d: int | None, x: object, weight: object, bias: object, 
 
 
 def _check_output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> None:
+    x_shape, kernel = x.shape, weight.shape
+    for i in range(len(stride)):
+        if (x_shape[i + 2] + 2 * padding[i] - dilation[i] * (kernel[i + 2] - 1) - 1) // stride[i] < 0:
+            break
+    else:
+        return
     kernel = tuple(weight.shape[2:])
     sizes = tuple(
         conv_output_size(size, k, st, pad, dil)
@@ -250,7 +274,9 @@ def _check_output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> 
 
 def _unchecked_index(idx: Tensor | None) -> Tensor | None:
     """Trusted index lists: only made int64 and contiguous, no value is read."""
-    return None if idx is None else idx.to(torch.int64).contiguous()
+    if idx is None or (idx.dtype is _INT64 and idx.is_contiguous()):  # a module's, as built
+        return idx
+    return idx.to(torch.int64).contiguous()
 
 
 def _check_conv_indices(x: Tensor, weight: Tensor, in_idx, out_idx, trusted: bool):
