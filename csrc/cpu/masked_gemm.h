@@ -224,17 +224,22 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
           a.pack(mb, rows, pc, kc, mr, packed_a.get());
           // Split by columns, every thread packs the same blocks: one reports them.
           if (on_packed_a && (split_rows || tid == 0)) (*on_packed_a)(mb, rows, pc, kc, packed_a.get(), tid);
-          auto run_panel = [&](int64_t jp, T* cp) {
+          // `depth` <= kc: the first entries of each packed A panel.
+          auto run_panel = [&](int64_t jp, T* cp, int64_t depth) {
             const T* bp = packed_b.get() + jp * K * nr + pc * nr;
             for (int64_t ip = 0; ip < row_panels; ++ip) {
-              kern.tile(kc, packed_a.get() + ip * kc * mr, bp, cp + ip * mr * ldc, ldc, pc > 0);
+              kern.tile(depth, packed_a.get() + ip * kc * mr, bp, cp + ip * mr * ldc, ldc, pc > 0);
             }
           };
-          for (int64_t jp = p_begin; jp < p_end; ++jp) run_panel(jp, c.get() + (jp - p_begin) * nr);
-          // Rank columns: the first block writes them (zeros past inner_depth
-          // keep them exact); later blocks past inner_depth add nothing.
+          for (int64_t jp = p_begin; jp < p_end; ++jp) run_panel(jp, c.get() + (jp - p_begin) * nr, kc);
+          // Rank columns: only depth below inner_depth adds to them (the inner
+          // factor is zero beyond), so each block runs just that part; the
+          // first block writes them even when it has none.
           if (pc == 0 || pc < inner_depth) {
-            for (int64_t lp = 0; lp < rank_panels; ++lp) run_panel(n_panels + lp, c.get() + rank_col + lp * nr);
+            const int64_t rank_depth = std::clamp<int64_t>(inner_depth - pc, 0, kc);
+            for (int64_t lp = 0; lp < rank_panels; ++lp) {
+              run_panel(n_panels + lp, c.get() + rank_col + lp * nr, rank_depth);
+            }
           }
         }
         if (rank > 0) {
