@@ -245,16 +245,18 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
         if (rank > 0) {
           // The rank-r product of these rows becomes the depth of one more block.
           T* u = packed_a.get();
-          for (int64_t ip = 0; ip < row_panels; ++ip) {
-            for (int64_t j = 0; j < rank; ++j) {
-              for (int i = 0; i < mr; ++i) {
-                const int64_t row = ip * mr + i;
-                const T value = row < rows ? low_rank->scale * c.get()[row * ldc + rank_col + j] : T(0);
-                u[(ip * rank + j) * mr + i] = value;
-                if (low_rank->save && row < rows && (split_rows || tid == 0)) {
-                  low_rank->save[(mb + row) * rank + j] = value;
-                }
+          const T scale = low_rank->scale;
+          T* const save = split_rows || tid == 0 ? low_rank->save : nullptr;
+          for (int64_t row = 0; row < row_panels * mr; ++row) {
+            T* lane = u + (row / mr) * rank * mr + row % mr;  // (j, row) at lane[j * mr]
+            const T* product = c.get() + row * ldc + rank_col;
+            if (row < rows) {
+              for (int64_t j = 0; j < rank; ++j) lane[j * mr] = scale * product[j];
+              if (save) {
+                for (int64_t j = 0; j < rank; ++j) save[(mb + row) * rank + j] = lane[j * mr];
               }
+            } else {
+              for (int64_t j = 0; j < rank; ++j) lane[j * mr] = T(0);
             }
           }
           for (int64_t jp = p_begin; jp < p_end; ++jp) {
