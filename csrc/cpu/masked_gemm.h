@@ -159,7 +159,9 @@ inline int gemm_threads() {
 
 // C = A(M x K) * B(N x K)^T [+ low-rank term], row by row into
 // `finalize(i, c_row, n0, n1, thread)`, where c_row holds C[i, n0:n1]
-// (writable scratch; callers may scale it in place).  Rows are split between
+// (writable scratch; callers may scale it in place), or a block of rows at a
+// time into `finalize.write_block(i0, rows, c, ldc, n0, n1)` where the
+// finalizer has one (writers that transpose rows into planes).  Rows are split between
 // threads when there are enough of them, else columns.  A and B are any
 // operands with a `depth` and `pack(i0, ni, k0, kc, lanes, dst)` that writes
 // micro-panels like pack_block.
@@ -267,7 +269,11 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
             }
           }
         }
-        for (int64_t i = 0; i < rows; ++i) finalize(mb + i, c.get() + i * ldc, n0, n1, tid);
+        if constexpr (requires { finalize.write_block(mb, rows, c.get(), ldc, n0, n1); }) {
+          finalize.write_block(mb, rows, c.get(), ldc, n0, n1);
+        } else {
+          for (int64_t i = 0; i < rows; ++i) finalize(mb + i, c.get() + i * ldc, n0, n1, tid);
+        }
       }
     }
   }
