@@ -20,6 +20,7 @@
 #include "conv_operands.h"
 #include "isa.h"
 #include "masked_gemm.h"
+#include "padded_patches.h"
 #include "scatter_rows.h"
 
 namespace spa_kernels::cpu {
@@ -167,8 +168,17 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     using T = acc_t<S>;
     std::vector<int64_t> kk_index, kk_tap;
     centre_first(s, s.S.count, kk_index, kk_tap);
-    const PatchTaps taps = input_taps(s, kk_index, kk_tap);
-    const PatchOperand<S> a = input_patches(x.data_ptr<S>(), s, taps);
+    // The patches are read in place from a zero-padded copy of x_S (padded_patches.h).
+    PaddedGeometry geometry;
+    geometry.batch = s.N;
+    for (int d = 0; d < 3; ++d) {
+      geometry.grid[d] = s.out[d];
+      geometry.src[d] = s.in[d];
+      geometry.mul[d] = s.stride[d];
+    }
+    std::vector<std::array<int64_t, 3>> kk_offset;
+    for (const int64_t t : kk_tap) kk_offset.push_back({s.tap_offset(t, 0), s.tap_offset(t, 1), s.tap_offset(t, 2)});
+    const PaddedPatches<T> a(x.data_ptr<S>(), geometry, s.C_in, s.S.ptr, s.S.count, kk_index, kk_offset, threads);
     TapWeights<S> b;
     b.w = weight.data_ptr<S>();
     b.in_channels = s.C_in;
@@ -179,7 +189,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     b.kk_index = kk_index.data();
     b.kk_tap = kk_tap.data();
     b.centre_add = present(adapter) ? adapter->data_ptr<S>() : nullptr;
-    b.depth = taps.size();
+    b.depth = a.depth;
     LowRankTerm<S, T> low_rank;
     if (s.rank > 0) {
       low_rank.inner = {lora_a->data_ptr<S>(), s.C_in, nullptr, s.S.ptr, false};  // (j, kk<|S|) = A[j, S[kk]]
