@@ -20,6 +20,7 @@
 #include "conv_operands.h"
 #include "isa.h"
 #include "masked_gemm.h"
+#include "padded_patches.h"
 #include "scatter_rows.h"
 
 namespace spa_kernels::cpu {
@@ -167,8 +168,17 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     using T = acc_t<S>;
     std::vector<int64_t> kk_index, kk_tap;
     centre_first(s, s.S.count, kk_index, kk_tap);
-    const PatchTaps taps = input_taps(s, kk_index, kk_tap);
-    const PatchOperand<S> a = input_patches(x.data_ptr<S>(), s, taps);
+    // The patches are read in place from a zero-padded copy of x_S (padded_patches.h).
+    PaddedGeometry geometry;
+    geometry.batch = s.N;
+    for (int d = 0; d < 3; ++d) {
+      geometry.grid[d] = s.out[d];
+      geometry.src[d] = s.in[d];
+      geometry.mul[d] = s.stride[d];
+    }
+    std::vector<std::array<int64_t, 3>> kk_offset;
+    for (const int64_t t : kk_tap) kk_offset.push_back({s.tap_offset(t, 0), s.tap_offset(t, 1), s.tap_offset(t, 2)});
+    const PaddedPatches<T> a(x.data_ptr<S>(), geometry, s.C_in, s.S.ptr, s.S.count, kk_index, kk_offset, threads);
     TapWeights<S> b;
     b.w = weight.data_ptr<S>();
     b.in_channels = s.C_in;
@@ -179,7 +189,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     b.kk_index = kk_index.data();
     b.kk_tap = kk_tap.data();
     b.centre_add = present(adapter) ? adapter->data_ptr<S>() : nullptr;
-    b.depth = taps.size();
+    b.depth = a.depth;
     LowRankTerm<S, T> low_rank;
     if (s.rank > 0) {
       low_rank.inner = {lora_a->data_ptr<S>(), s.C_in, nullptr, s.S.ptr, false};  // (j, kk<|S|) = A[j, S[kk]]
@@ -245,23 +255,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         // Rows: input positions; depth: (active output channel, tap), centre first.
         std::vector<int64_t> kk_index, kk_tap;
         centre_first(s, s.O.count, kk_index, kk_tap);
-        PatchTaps taps;
-        for (size_t i = 0; i < kk_index.size(); ++i) {
-          const int64_t off[3] = {-s.tap_offset(kk_tap[i], 0), -s.tap_offset(kk_tap[i], 1),
-                                  -s.tap_offset(kk_tap[i], 2)};
-          taps.add(at_list(s.O, kk_index[i]), off);
-        }
-        PatchOperand<S> a;
-        a.data = dy;
-        a.g.batch = s.N;
-        a.g.channels = s.C_out;
-        for (int d = 0; d < 3; ++d) {
-          a.g.grid[d] = s.in[d];
-          a.g.src[d] = s.out[d];
-          a.g.div[d] = s.stride[d];
-        }
-        a.taps = &taps;
-        a.depth = taps.size();
         TapWeights<S> b;
         b.w = weight.data_ptr<S>();
         b.in_channels = s.C_in;
@@ -273,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         b.kk_tap = kk_tap.data();
         b.centre_add = present(adapter) ? adapter->data_ptr<S>() : nullptr;
         b.by_input = true;
-        b.depth = taps.size();
+        b.depth = static_cast<int64_t>(kk_index.size());
         LowRankTerm<S, T> low_rank;
         if (s.rank > 0) {
           low_rank.inner = {lora_b->data_ptr<S>(), s.rank, s.O.ptr, nullptr, true};  // (j, kk<|O|) = B[O[kk], j]
@@ -283,8 +276,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           low_rank.scale = T(scale);
         }
         const PlaneWriter<S, T> writer{gx, s.C_in, s.in_plane(), s.S.ptr, nullptr};
-        masked_gemm<T>(kernels, s.N * s.in_plane(), s.S.count, a, b, writer, threads,
-                       s.rank > 0 ? &low_rank : nullptr);
+        auto run = [&](const auto& a) {
+          masked_gemm<T>(kernels, s.N * s.in_plane(), s.S.count, a, b, writer, threads,
+                         s.rank > 0 ? &low_rank : nullptr);
+        };
+        // Source coordinate of input position i under tap t: i - tap offset,
+        // divided by the stride when it divides.
+        auto mirrored = [&](int64_t t) -> std::array<int64_t, 3> {
+          return {-s.tap_offset(t, 0), -s.tap_offset(t, 1), -s.tap_offset(t, 2)};
+        };
+        if (s.stride[0] == 1 && s.stride[1] == 1 && s.stride[2] == 1) {
+          // Unit stride: a forward convolution of dy_O with the taps mirrored,
+          // read in place from a padded copy like the forward reads x.
+          PaddedGeometry geometry;
+          geometry.batch = s.N;
+          for (int d = 0; d < 3; ++d) geometry.grid[d] = s.in[d], geometry.src[d] = s.out[d];
+          std::vector<std::array<int64_t, 3>> kk_offset;
+          for (const int64_t t : kk_tap) kk_offset.push_back(mirrored(t));
+          run(PaddedPatches<T>(dy, geometry, s.C_out, s.O.ptr, s.O.count, kk_index, kk_offset, threads));
+        } else {
+          PatchTaps taps;
+          for (size_t i = 0; i < kk_index.size(); ++i) {
+            const auto off = mirrored(kk_tap[i]);
+            taps.add(at_list(s.O, kk_index[i]), {off[0], off[1], off[2]});
+          }
+          PatchOperand<S> a;
+          a.data = dy;
+          a.g.batch = s.N;
+          a.g.channels = s.C_out;
+          for (int d = 0; d < 3; ++d) {
+            a.g.grid[d] = s.in[d];
+            a.g.src[d] = s.out[d];
+            a.g.div[d] = s.stride[d];
+          }
+          a.taps = &taps;
+          a.depth = taps.size();
+          run(a);
+        }
       }
     }
     if (need_a) {

@@ -326,12 +326,23 @@ struct PlaneWriter {
   const int64_t* channel = nullptr;  // null: identity
   const T* bias = nullptr;
 
-  void operator()(int64_t m, T* c, int64_t n0, int64_t n1, int) const {
-    const int64_t n = m / plane, p = m % plane;
-    S* base = out + n * channels * plane + p;
-    for (int64_t k = n0; k < n1; ++k) {
-      const T v = c[k - n0] + (bias ? bias[k] : T(0));
-      base[(channel ? channel[k] : k) * plane] = static_cast<S>(v);
+  void operator()(int64_t m, T* c, int64_t n0, int64_t n1, int) const { write_block(m, 1, c, 0, n0, n1); }
+
+  // Rows [m0, m0 + rows) at once (row i at c + i * ldc): channel by channel,
+  // so each plane gets one contiguous run per image instead of one scattered
+  // element per row; the block of C stays in cache while it is read by columns.
+  void write_block(int64_t m0, int64_t rows, const T* c, int64_t ldc, int64_t n0, int64_t n1) const {
+    for (int64_t i = 0; i < rows;) {
+      const int64_t m = m0 + i, n = m / plane, p = m % plane;
+      const int64_t run = std::min(rows - i, plane - p);  // rows in one image
+      S* base = out + n * channels * plane + p;
+      for (int64_t k = n0; k < n1; ++k) {
+        S* dst = base + (channel ? channel[k] : k) * plane;
+        const T* src = c + i * ldc + (k - n0);
+        const T add = bias ? bias[k] : T(0);
+        for (int64_t r = 0; r < run; ++r) dst[r] = static_cast<S>(src[r * ldc] + add);
+      }
+      i += run;
     }
   }
 };

@@ -20,12 +20,15 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <concepts>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <new>
+#include <stdexcept>
+#include <vector>
 
 #include "tile_kernels.h"
 
@@ -159,16 +162,26 @@ inline int gemm_threads() {
 
 // C = A(M x K) * B(N x K)^T [+ low-rank term], row by row into
 // `finalize(i, c_row, n0, n1, thread)`, where c_row holds C[i, n0:n1]
-// (writable scratch; callers may scale it in place).  Rows are split between
+// (writable scratch; callers may scale it in place), or a block of rows at a
+// time into `finalize.write_block(i0, rows, c, ldc, n0, n1)` where the
+// finalizer has one (writers that transpose rows into planes).  Rows are split between
 // threads when there are enough of them, else columns.  A and B are any
 // operands with a `depth` and `pack(i0, ni, k0, kc, lanes, dst)` that writes
-// micro-panels like pack_block.
+// micro-panels like pack_block; A may instead offer `row_addresses` and
+// `depth_offsets` (PaddedPatches) and is then read in place, never packed.
 template <typename T, typename OpA, typename OpB, typename Finalize, typename SL = float>
 void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a, const OpB& b,
                  Finalize&& finalize, int num_threads, const LowRankTerm<SL, T>* low_rank = nullptr,
                  const PackedBlockHook<T>* on_packed_a = nullptr) {
   const int64_t K = a.depth;
   if (M <= 0 || N <= 0) return;
+  // A read in place through row addresses and depth offsets (see
+  // TileKernels::tile_rows) instead of packed block by block.
+  constexpr bool in_place_a = requires(const T** rows) {
+    a.row_addresses(int64_t{}, int64_t{}, int64_t{}, rows);
+    { a.depth_offsets() } -> std::convertible_to<const int64_t*>;
+  };
+  if (in_place_a && on_packed_a) throw std::invalid_argument("masked_gemm: an A read in place has no packed blocks");
   const int mr = kern.mr, nr = kern.nr;
   const int64_t n_panels = (N + nr - 1) / nr;
   const int64_t m_panels = (M + mr - 1) / mr;
@@ -212,44 +225,60 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
       // Row layout of the C scratch: this thread's columns, then the rank columns.
       const int64_t rank_col = (p_end - p_begin) * nr;
       const int64_t ldc = rank_col + rank_panels * nr + kSlack;
-      const int64_t kc_max = std::max(std::min(kKC, K), rank);
-      AlignedBuffer<T> packed_a(kMC * std::max<int64_t>(kc_max, 1));
+      // Packed A blocks (or, A read in place, only the rank-r products).
+      AlignedBuffer<T> packed_a(kMC * std::max<int64_t>(in_place_a ? rank : std::max(std::min(kKC, K), rank), 1));
       AlignedBuffer<T> c(kMC * ldc + kSlack);
+      std::vector<const T*> a_rows(in_place_a ? kMC : 0);
       for (int64_t mb = m_begin; mb < m_end; mb += kMC) {
         const int64_t rows = std::min(kMC, m_end - mb);
         const int64_t row_panels = (rows + mr - 1) / mr;
         if (K == 0) std::memset(c.get(), 0, sizeof(T) * (kMC * ldc));
+        if constexpr (in_place_a) a.row_addresses(mb, rows, row_panels * mr, a_rows.data());
         for (int64_t pc = 0; pc < K; pc += kKC) {
           const int64_t kc = std::min(kKC, K - pc);
-          a.pack(mb, rows, pc, kc, mr, packed_a.get());
-          // Split by columns, every thread packs the same blocks: one reports them.
-          if (on_packed_a && (split_rows || tid == 0)) (*on_packed_a)(mb, rows, pc, kc, packed_a.get(), tid);
-          auto run_panel = [&](int64_t jp, T* cp) {
+          if constexpr (!in_place_a) {
+            a.pack(mb, rows, pc, kc, mr, packed_a.get());
+            // Split by columns, every thread packs the same blocks: one reports them.
+            if (on_packed_a && (split_rows || tid == 0)) (*on_packed_a)(mb, rows, pc, kc, packed_a.get(), tid);
+          }
+          // `depth` <= kc: the first entries of each A panel.
+          auto run_panel = [&](int64_t jp, T* cp, int64_t depth) {
             const T* bp = packed_b.get() + jp * K * nr + pc * nr;
             for (int64_t ip = 0; ip < row_panels; ++ip) {
-              kern.tile(kc, packed_a.get() + ip * kc * mr, bp, cp + ip * mr * ldc, ldc, pc > 0);
+              if constexpr (in_place_a) {
+                kern.tile_rows(depth, a_rows.data() + ip * mr, a.depth_offsets() + pc, bp, cp + ip * mr * ldc, ldc,
+                               pc > 0);
+              } else {
+                kern.tile(depth, packed_a.get() + ip * kc * mr, bp, cp + ip * mr * ldc, ldc, pc > 0);
+              }
             }
           };
-          for (int64_t jp = p_begin; jp < p_end; ++jp) run_panel(jp, c.get() + (jp - p_begin) * nr);
-          // Rank columns: the first block writes them (zeros past inner_depth
-          // keep them exact); later blocks past inner_depth add nothing.
+          for (int64_t jp = p_begin; jp < p_end; ++jp) run_panel(jp, c.get() + (jp - p_begin) * nr, kc);
+          // Rank columns: only depth below inner_depth adds to them (the inner
+          // factor is zero beyond), so each block runs just that part; the
+          // first block writes them even when it has none.
           if (pc == 0 || pc < inner_depth) {
-            for (int64_t lp = 0; lp < rank_panels; ++lp) run_panel(n_panels + lp, c.get() + rank_col + lp * nr);
+            const int64_t rank_depth = std::clamp<int64_t>(inner_depth - pc, 0, kc);
+            for (int64_t lp = 0; lp < rank_panels; ++lp) {
+              run_panel(n_panels + lp, c.get() + rank_col + lp * nr, rank_depth);
+            }
           }
         }
         if (rank > 0) {
           // The rank-r product of these rows becomes the depth of one more block.
           T* u = packed_a.get();
-          for (int64_t ip = 0; ip < row_panels; ++ip) {
-            for (int64_t j = 0; j < rank; ++j) {
-              for (int i = 0; i < mr; ++i) {
-                const int64_t row = ip * mr + i;
-                const T value = row < rows ? low_rank->scale * c.get()[row * ldc + rank_col + j] : T(0);
-                u[(ip * rank + j) * mr + i] = value;
-                if (low_rank->save && row < rows && (split_rows || tid == 0)) {
-                  low_rank->save[(mb + row) * rank + j] = value;
-                }
+          const T scale = low_rank->scale;
+          T* const save = split_rows || tid == 0 ? low_rank->save : nullptr;
+          for (int64_t row = 0; row < row_panels * mr; ++row) {
+            T* lane = u + (row / mr) * rank * mr + row % mr;  // (j, row) at lane[j * mr]
+            const T* product = c.get() + row * ldc + rank_col;
+            if (row < rows) {
+              for (int64_t j = 0; j < rank; ++j) lane[j * mr] = scale * product[j];
+              if (save) {
+                for (int64_t j = 0; j < rank; ++j) save[(mb + row) * rank + j] = lane[j * mr];
               }
+            } else {
+              for (int64_t j = 0; j < rank; ++j) lane[j * mr] = T(0);
             }
           }
           for (int64_t jp = p_begin; jp < p_end; ++jp) {
@@ -260,7 +289,11 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
             }
           }
         }
-        for (int64_t i = 0; i < rows; ++i) finalize(mb + i, c.get() + i * ldc, n0, n1, tid);
+        if constexpr (requires { finalize.write_block(mb, rows, c.get(), ldc, n0, n1); }) {
+          finalize.write_block(mb, rows, c.get(), ldc, n0, n1);
+        } else {
+          for (int64_t i = 0; i < rows; ++i) finalize(mb + i, c.get() + i * ldc, n0, n1, tid);
+        }
       }
     }
   }

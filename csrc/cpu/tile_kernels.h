@@ -1,8 +1,9 @@
 // The instruction-set-specific part of the CPU kernels, behind a plain table.
 //
-// Everything that depends on the instruction set is two small functions: the
-// register-blocked GEMM tile and the row "expand" that scatters a compact row
-// of active outputs into a full-width row with zeros between.  Packing,
+// Everything that depends on the instruction set is a few small functions: the
+// register-blocked GEMM tile (reading A packed, or in place), and the row
+// "expand" that scatters a compact row of active outputs into a full-width row
+// with zeros between.  Packing,
 // gathering, threading and dtype conversion are shared code (masked_gemm.h),
 // compiled once; each ISA file compiles only these two functions, with no
 // library headers after its target pragma, so no inline library code is ever
@@ -26,6 +27,12 @@ struct TileKernels {
   // `stream` asks for non-temporal stores: for outputs much larger than the
   // caches, which would otherwise be read into cache just to be overwritten.
   void (*expand)(const T* compact, const uint8_t* active_bits, int64_t lo, int64_t hi, T* out, bool stream);
+  // The tile with A read in place instead of from a packed micro-panel:
+  // c[i*ldc + j] (+)= sum_p rows[i][offsets[p]] * b[p*nr + j] for i < mr, j < nr.
+  // For operands whose element (i, p) is a row address plus a depth offset
+  // (convolution patches of a zero-padded input), so A is never copied.
+  void (*tile_rows)(int64_t depth, const T* const* rows, const int64_t* offsets, const T* b, T* c, int64_t ldc,
+                    bool accumulate);
 };
 
 // Returns nullptr where the ISA was not compiled in (non-x86 builds).
