@@ -8,6 +8,7 @@ linear head.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -62,3 +63,12 @@ class ResidualCNN(nn.Module):
 
 def residual_cnn_input(batch: int = 2, size: int = 8) -> Tensor:
     return torch.randn(batch, 3, size, size)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The models here are tiny: threads would only wait on each other (and on a busy machine, a lot)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,19 +25,13 @@ from spa_kernels.pruning.groups import (
     install_norm_masks,
     remove_norm_masks,
 )
-from tests._pruning_models import ResidualCNN, TinyMLP, residual_cnn_input
+from tests._pruning_models import ResidualCNN, TinyMLP, one_torch_thread, residual_cnn_input  # noqa: F401 (fixture)
 
 RESNET18_NARROW = dataclasses.replace(RESNET18_56, stage_channels=(8, 16, 24, 32), classes=10)
 """ResNet-18's topology (stages, blocks, projections, names) at widths that keep the tests quick."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: threads would only wait on each other (and on a busy machine, a lot)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def summary(groups: list[ChannelGroup]) -> list[tuple[int, list[str], list[str], list[str]]]:

@@ -17,16 +17,9 @@ from spa_kernels import convert
 from spa_kernels.pruning._layers import spa_layers
 from spa_kernels.pruning.groups import ChannelGroup, ChannelMap, channel_groups
 from spa_kernels.pruning.schedule import PruneReport, iterative_prune, prune, round_densities
-from tests._pruning_models import ResidualCNN, TinyMLP, residual_cnn_input
+from tests._pruning_models import ResidualCNN, TinyMLP, one_torch_thread, residual_cnn_input  # noqa: F401 (fixture)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: threads would only wait on each other (and on a busy machine, a lot)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def identity_map(channels: int) -> ChannelMap:
