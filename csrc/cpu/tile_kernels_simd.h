@@ -5,9 +5,11 @@
 // Traits provide: vec, width, zero(), load(p), store(p, v), broadcast(x),
 // fma(a, b, c) = a*b + c, add(a, b).
 
-template <class V, int MR, int NV>
-static inline void simd_tile(int64_t depth, const float* a, const float* b, float* c, int64_t ldc,
-                             bool accumulate) {
+// The register tile over any way of reading A: `a_at(i, p)` is row i's entry
+// at depth p.  c[i*ldc + j] (+)= sum_p a_at(i, p) * b[p*nr + j].
+template <class V, int MR, int NV, class ReadA>
+__attribute__((always_inline)) static inline void simd_tile_over(int64_t depth, ReadA a_at, const float* b,
+                                                                 float* c, int64_t ldc, bool accumulate) {
   typename V::vec acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
@@ -20,11 +22,10 @@ static inline void simd_tile(int64_t depth, const float* a, const float* b, floa
     for (int j = 0; j < NV; ++j) bv[j] = V::load(b + j * V::width);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const typename V::vec av = V::broadcast(a[i]);
+      const typename V::vec av = V::broadcast(a_at(i, p));
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[i][j] = V::fma(av, bv[j], acc[i][j]);
     }
-    a += MR;
     b += NV * V::width;
   }
 #pragma GCC unroll 16
@@ -37,40 +38,23 @@ static inline void simd_tile(int64_t depth, const float* a, const float* b, floa
   }
 }
 
-// simd_tile with row i of A at rows[i] + offsets[p] instead of a packed panel.
+// A from a packed micro-panel: entry (i, p) at a[p*MR + i].
+template <class V, int MR, int NV>
+static inline void simd_tile(int64_t depth, const float* a, const float* b, float* c, int64_t ldc,
+                             bool accumulate) {
+  simd_tile_over<V, MR, NV>(
+      depth, [a](int i, int64_t p) { return a[p * MR + i]; }, b, c, ldc, accumulate);
+}
+
+// A read in place: entry (i, p) at rows[i][offsets[p]].
 template <class V, int MR, int NV>
 static inline void simd_tile_rows(int64_t depth, const float* const* rows, const int64_t* offsets, const float* b,
                                   float* c, int64_t ldc, bool accumulate) {
   const float* row[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) row[i] = rows[i];
-  typename V::vec acc[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = V::zero();
-  }
-  for (int64_t p = 0; p < depth; ++p) {
-    const int64_t offset = offsets[p];
-    typename V::vec bv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) bv[j] = V::load(b + j * V::width);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const typename V::vec av = V::broadcast(row[i][offset]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] = V::fma(av, bv[j], acc[i][j]);
-    }
-    b += NV * V::width;
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) {
-      float* dst = c + i * ldc + j * V::width;
-      V::store(dst, accumulate ? V::add(acc[i][j], V::load(dst)) : acc[i][j]);
-    }
-  }
+  simd_tile_over<V, MR, NV>(
+      depth, [&row, offsets](int i, int64_t p) { return row[i][offsets[p]]; }, b, c, ldc, accumulate);
 }
 
 // Scalar expand for the unaligned head and tail of a row.
