@@ -56,6 +56,44 @@ struct GatherMatrix {
   int64_t col(int64_t c) const { return col_idx ? col_idx[c] : c; }
 };
 
+// One whole micro-panel of a row gather: lane l of column j is rows[l][cols[j]].
+// Walking the columns with every lane at once writes the panel in order and
+// reads each index once; the next panel's rows are fetched ahead meanwhile,
+// because a gather from wide rows is bound by memory, not by the copy.
+template <int kLanes, typename S, typename T>
+void gather_panel(const S* const* rows, const S* const* next_rows, const int64_t* cols, int64_t nj, T* out) {
+  if (next_rows != nullptr && nj > 0) {
+    constexpr int64_t kLine = 64 / sizeof(S);
+    for (int l = 0; l < kLanes; ++l) {
+      for (int64_t c = cols[0]; c <= cols[nj - 1]; c += kLine) __builtin_prefetch(next_rows[l] + c, 0, 1);
+    }
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    const int64_t c = cols[j];
+    for (int l = 0; l < kLanes; ++l) out[j * kLanes + l] = static_cast<T>(rows[l][c]);
+  }
+}
+
+// The full panels of a row gather with `kLanes` lanes; returns the rows done.
+template <int kLanes, typename S, typename T>
+int64_t gather_full_panels(const GatherMatrix<S>& g, int64_t i0, int64_t ni, const int64_t* cols, int64_t nj,
+                           T* dst) {
+  const int64_t full = ni / kLanes * kLanes;
+  const S* rows[2][kLanes];
+  auto load_rows = [&](int64_t p0, const S** r) {
+    for (int l = 0; l < kLanes; ++l) r[l] = g.data + g.row(i0 + p0 + l) * g.ld;
+  };
+  if (full > 0) load_rows(0, rows[0]);
+  for (int64_t p0 = 0; p0 < full; p0 += kLanes) {
+    const S** current = rows[(p0 / kLanes) & 1];
+    const S** next = rows[((p0 / kLanes) & 1) ^ 1];
+    const bool has_next = p0 + kLanes < full;
+    if (has_next) load_rows(p0 + kLanes, next);
+    gather_panel<kLanes>(current, has_next ? next : nullptr, cols, nj, dst + (p0 / kLanes) * nj * kLanes);
+  }
+  return full;
+}
+
 // Copies logical rows [i0, i0+ni) x columns [j0, j0+nj) of `g` into
 // micro-panels of `lanes` rows: row i, column j goes to
 //     dst[(i / lanes) * nj * lanes + j * lanes + i % lanes],
@@ -65,8 +103,21 @@ void pack_block(const GatherMatrix<S>& g, int64_t i0, int64_t ni, int64_t j0, in
                 T* dst) {
   const int64_t panel_stride = nj * lanes;
   if (!g.transposed) {
-    // Logical row = storage row: walk along it.
-    for (int64_t i = 0; i < ni; ++i) {
+    // Logical row = storage row: walk along it.  A column gather goes panel by
+    // panel for the lane counts the tile kernels use.
+    int64_t first = 0;
+    if (g.col_idx) {
+      const int64_t* cols = g.col_idx + j0;
+      switch (lanes) {
+        case 4: first = gather_full_panels<4>(g, i0, ni, cols, nj, dst); break;
+        case 6: first = gather_full_panels<6>(g, i0, ni, cols, nj, dst); break;
+        case 8: first = gather_full_panels<8>(g, i0, ni, cols, nj, dst); break;
+        case 12: first = gather_full_panels<12>(g, i0, ni, cols, nj, dst); break;
+        case 16: first = gather_full_panels<16>(g, i0, ni, cols, nj, dst); break;
+        default: break;
+      }
+    }
+    for (int64_t i = first; i < ni; ++i) {
       const S* src = g.data + g.row(i0 + i) * g.ld;
       T* out = dst + (i / lanes) * panel_stride + i % lanes;
       if (g.col_idx) {
@@ -107,11 +158,17 @@ struct Operand {
   GatherMatrix<S> matrix;
   int64_t depth = 0;
 
+  // pack() takes any number of rows, not just one micro-panel.
+  static constexpr bool kPacksManyPanels = true;
+
   template <typename T>
   void pack(int64_t i0, int64_t ni, int64_t k0, int64_t kc, int lanes, T* dst) const {
     pack_block(matrix, i0, ni, k0, kc, lanes, dst);
   }
 };
+
+template <typename Op>
+constexpr bool packs_many_panels = requires { Op::kPacksManyPanels; };
 
 // A low-rank term added to a product:  C += scale * (A inner^T) outer^T.
 // `inner` is logical (j, k), rank x depth of A; `outer` is logical (n, j),
@@ -193,15 +250,22 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
   // B, the low-rank inner factor (as extra panels after B's) and outer factor.
   AlignedBuffer<T> packed_b((n_panels + rank_panels) * k_alloc * nr);
   AlignedBuffer<T> packed_outer(n_panels * std::max<int64_t>(rank, 1) * nr);
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t jp = 0; jp < n_panels + rank_panels; ++jp) {
-    if (jp < n_panels) {
-      const int64_t n0 = jp * nr, nn = std::min<int64_t>(nr, N - n0);
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int threads = omp_get_num_threads(), tid = omp_get_thread_num();
+    // Each thread packs a contiguous share of B's panels: in one call where
+    // the operand can (a transposed gather then reads each storage row once
+    // per thread rather than once per panel), else panel by panel.
+    const int64_t p_first = n_panels * tid / threads, p_last = n_panels * (tid + 1) / threads;
+    const int64_t step = packs_many_panels<OpB> ? std::max<int64_t>(p_last - p_first, 1) : 1;
+    for (int64_t jp = p_first; jp < p_last; jp += step) {
+      const int64_t n0 = jp * nr, nn = std::min(N, std::min(jp + step, p_last) * nr) - n0;
       b.pack(n0, nn, 0, K, nr, packed_b.get() + jp * K * nr);
       if (rank > 0) pack_block(low_rank->outer, n0, nn, 0, rank, nr, packed_outer.get() + jp * rank * nr);
-    } else {
-      const int64_t j0 = (jp - n_panels) * nr;
-      T* panel = packed_b.get() + jp * K * nr;
+    }
+    for (int64_t lp = tid; lp < rank_panels; lp += threads) {
+      const int64_t j0 = lp * nr;
+      T* panel = packed_b.get() + (n_panels + lp) * K * nr;
       pack_block(low_rank->inner, j0, std::min<int64_t>(nr, rank - j0), 0, inner_depth, nr, panel);
       std::fill(panel + inner_depth * nr, panel + K * nr, T(0));
     }

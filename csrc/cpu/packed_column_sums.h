@@ -8,10 +8,9 @@
 // dy (often the largest tensor of the step) is read from memory once instead of
 // twice, the second time column by column.
 //
-// A packed block holds rows m of A in micro-panels of `mr` lanes; the product
-// needs depth entries as rows, so each block is first transposed into panels of
-// `mr` depth entries (in L2, a small fraction of the cost of reading A), then
-// multiplied with the register tile.  Each thread sums into its own buffers, so
+// A packed block holds rows m of A in micro-panels of `mr` lanes; each panel
+// meets the matching mr rows of T in the `panel_outer` kernel, which keeps
+// those rows in registers and walks the panel's depth entries.  Each thread sums into its own buffers, so
 // nothing is shared while the GEMM runs; `product`/`colsum` add them up.
 #pragma once
 
@@ -32,9 +31,9 @@ class PackedColumnSums {
         rank_panels_((rank + kern.nr - 1) / kern.nr), ldp_(std::max<int64_t>(rank_panels_ * kern.nr, 1)) {
     for (int i = 0; i < threads; ++i) {
       Scratch s;
-      s.product.assign(static_cast<size_t>((depth + kern.mr) * ldp_), T(0));
+      s.product.assign(static_cast<size_t>(depth * ldp_), T(0));
       s.colsum.assign(static_cast<size_t>(depth), T(0));
-      s.rows.resize(static_cast<size_t>((kKC + kern.mr) * kMC));
+      s.lane_sums.resize(static_cast<size_t>(kKC * kern.mr));
       s.t_panels.resize(static_cast<size_t>(std::max<int64_t>(rank_panels_, 1) * kMC * kern.nr));
       scratch_.push_back(std::move(s));
     }
@@ -45,34 +44,26 @@ class PackedColumnSums {
     Scratch& s = scratch_[tid];
     const int mr = kern_.mr, nr = kern_.nr;
     const int64_t row_panels = (rows + mr - 1) / mr;
-    for (int64_t ip = 0; ip < row_panels; ++ip) {
-      const T* panel = packed + ip * kc * mr;
-      for (int64_t k = 0; k < kc; ++k) {
-        T sum = T(0);
-        for (int i = 0; i < mr; ++i) sum += panel[k * mr + i];  // padding lanes are zero
-        s.colsum[pc + k] += sum;
-      }
+    const int64_t panel_size = kc * mr;
+    // Column sums: add the panels lane by lane (contiguous, so it vectorises),
+    // then fold each entry's mr lanes once.  Padding lanes are zero.
+    T* lanes = s.lane_sums.data();
+    std::copy(packed, packed + panel_size, lanes);
+    for (int64_t ip = 1; ip < row_panels; ++ip) {
+      const T* panel = packed + ip * panel_size;
+      for (int64_t x = 0; x < panel_size; ++x) lanes[x] += panel[x];
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+      T sum = T(0);
+      for (int i = 0; i < mr; ++i) sum += lanes[k * mr + i];
+      s.colsum[pc + k] += sum;
     }
     if (rank_ == 0) return;
-    if (pc == 0) pack_t(mb, rows, s);  // the first depth block of each row block
-    // Depth entries as rows: rows_buf[(q * rows + m) * mr + l] = A[mb + m, pc + q * mr + l].
-    const int64_t depth_panels = (kc + mr - 1) / mr;
-    T* rows_buf = s.rows.data();
-    for (int64_t q = 0; q < depth_panels; ++q) {
-      for (int64_t m = 0; m < rows; ++m) {
-        const T* src = packed + (m / mr) * kc * mr + (m % mr);
-        T* dst = rows_buf + (q * rows + m) * mr;
-        for (int l = 0; l < mr; ++l) {
-          const int64_t k = q * mr + l;
-          dst[l] = k < kc ? src[k * mr] : T(0);
-        }
-      }
-    }
-    for (int64_t q = 0; q < depth_panels; ++q) {
+    if (pc == 0) pack_t(mb, rows, row_panels * mr, s);  // the first depth block of each row block
+    for (int64_t ip = 0; ip < row_panels; ++ip) {
       for (int64_t jp = 0; jp < rank_panels_; ++jp) {
-        // Rows past pc + kc get zeros added: the buffer has mr rows of slack.
-        kern_.tile(rows, rows_buf + q * rows * mr, s.t_panels.data() + jp * rows * nr,
-                   s.product.data() + (pc + q * mr) * ldp_ + jp * nr, ldp_, true);
+        kern_.panel_outer(kc, packed + ip * panel_size, s.t_panels.data() + (jp * kMC + ip * mr) * nr,
+                          s.product.data() + pc * ldp_ + jp * nr, ldp_);
       }
     }
   }
@@ -91,19 +82,20 @@ class PackedColumnSums {
 
  private:
   struct Scratch {
-    std::vector<T> product, colsum, rows, t_panels;
+    std::vector<T> product, colsum, lane_sums, t_panels;
   };
 
-  // T's rows [mb, mb + rows) as B panels of nr columns (zero past rank).
-  void pack_t(int64_t mb, int64_t rows, Scratch& s) const {
+  // T's rows [mb, mb + rows) as (rows x nr) blocks, one per rank panel, zero
+  // past rank and down to `padded_rows` (a whole number of A panels).
+  void pack_t(int64_t mb, int64_t rows, int64_t padded_rows, Scratch& s) const {
     const int nr = kern_.nr;
     for (int64_t jp = 0; jp < rank_panels_; ++jp) {
-      T* dst = s.t_panels.data() + jp * rows * nr;
-      for (int64_t m = 0; m < rows; ++m) {
+      T* dst = s.t_panels.data() + jp * kMC * nr;
+      for (int64_t m = 0; m < padded_rows; ++m) {
         const T* src = t_ + (mb + m) * rank_;
         for (int l = 0; l < nr; ++l) {
           const int64_t j = jp * nr + l;
-          dst[m * nr + l] = j < rank_ ? src[j] : T(0);
+          dst[m * nr + l] = m < rows && j < rank_ ? src[j] : T(0);
         }
       }
     }

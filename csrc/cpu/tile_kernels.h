@@ -33,6 +33,11 @@ struct TileKernels {
   // (convolution patches of a zero-padded input), so A is never copied.
   void (*tile_rows)(int64_t depth, const T* const* rows, const int64_t* offsets, const T* b, T* c, int64_t ldc,
                     bool accumulate);
+  // The transposed product of a packed A micro-panel with an (mr x nr) block t:
+  // p[k*ldp + j] += sum_{i<mr} a[k*mr + i] * t[i*nr + j] for k < depth, j < nr.
+  // Sums over A's rows (A^T T) from the panels another GEMM packed, without
+  // transposing them first; t stays in registers for the whole panel.
+  void (*panel_outer)(int64_t depth, const T* a, const T* t, T* p, int64_t ldp);
 };
 
 // Returns nullptr where the ISA was not compiled in (non-x86 builds).

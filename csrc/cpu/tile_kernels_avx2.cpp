@@ -36,6 +36,10 @@ void tile_rows(int64_t depth, const float* const* rows, const int64_t* offsets, 
   simd_tile_rows<Vec, kMR, kNV>(depth, rows, offsets, b, c, ldc, accumulate);
 }
 
+void panel_outer(int64_t depth, const float* a, const float* t, float* p, int64_t ldp) {
+  simd_panel_outer<Vec, kMR, kNV>(depth, a, t, p, ldp);
+}
+
 // perm[m][j]: which compact element lands in lane j of a window whose active
 // lanes are the set bits of m (the count of active lanes below j).
 struct ExpandTable {
@@ -82,7 +86,7 @@ void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, f
 
 const TileKernels<float>* avx2_float_kernels() {
   static const TileKernels<float> kernels{"avx2", avx2::kMR, avx2::kNV * avx2::Vec::width,
-                                          &avx2::tile, &avx2::expand, &avx2::tile_rows};
+                                          &avx2::tile, &avx2::expand, &avx2::tile_rows, &avx2::panel_outer};
   return &kernels;
 }
 

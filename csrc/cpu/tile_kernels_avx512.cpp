@@ -37,6 +37,10 @@ void tile_rows(int64_t depth, const float* const* rows, const int64_t* offsets, 
   simd_tile_rows<Vec, kMR, kNV>(depth, rows, offsets, b, c, ldc, accumulate);
 }
 
+void panel_outer(int64_t depth, const float* a, const float* t, float* p, int64_t ldp) {
+  simd_panel_outer<Vec, kMR, kNV>(depth, a, t, p, ldp);
+}
+
 void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, float* out, bool stream) {
   int64_t p = lo;
   const int64_t aligned = (lo + 15) & ~int64_t(15);
@@ -62,7 +66,7 @@ void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, f
 
 const TileKernels<float>* avx512_float_kernels() {
   static const TileKernels<float> kernels{"avx512", avx512::kMR, avx512::kNV * avx512::Vec::width,
-                                          &avx512::tile, &avx512::expand, &avx512::tile_rows};
+                                          &avx512::tile, &avx512::expand, &avx512::tile_rows, &avx512::panel_outer};
   return &kernels;
 }
 

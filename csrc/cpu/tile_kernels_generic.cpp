@@ -37,6 +37,16 @@ void tile_rows(int64_t depth, const T* const* rows, const int64_t* offsets, cons
   }
 }
 
+template <typename T, int MR, int NR>
+void panel_outer(int64_t depth, const T* a, const T* t, T* p, int64_t ldp) {
+  for (int64_t k = 0; k < depth; ++k) {
+    for (int i = 0; i < MR; ++i) {
+      const T av = a[k * MR + i];
+      for (int j = 0; j < NR; ++j) p[k * ldp + j] += av * t[i * NR + j];
+    }
+  }
+}
+
 template <typename T>
 void expand(const T* compact, const uint8_t* bits, int64_t lo, int64_t hi, T* out, bool /*stream*/) {
   for (int64_t p = lo; p < hi; ++p) {
@@ -49,13 +59,15 @@ void expand(const T* compact, const uint8_t* bits, int64_t lo, int64_t hi, T* ou
 
 const TileKernels<float>* generic_float_kernels() {
   static const TileKernels<float> kernels{"generic", 4, 16, &generic::tile<float, 4, 16>,
-                                          &generic::expand<float>, &generic::tile_rows<float, 4, 16>};
+                                          &generic::expand<float>, &generic::tile_rows<float, 4, 16>,
+                                          &generic::panel_outer<float, 4, 16>};
   return &kernels;
 }
 
 const TileKernels<double>* generic_double_kernels() {
   static const TileKernels<double> kernels{"generic", 4, 8, &generic::tile<double, 4, 8>,
-                                           &generic::expand<double>, &generic::tile_rows<double, 4, 8>};
+                                           &generic::expand<double>, &generic::tile_rows<double, 4, 8>,
+                                           &generic::panel_outer<double, 4, 8>};
   return &kernels;
 }
 

@@ -57,6 +57,34 @@ static inline void simd_tile_rows(int64_t depth, const float* const* rows, const
       depth, [&row, offsets](int i, int64_t p) { return row[i][offsets[p]]; }, b, c, ldc, accumulate);
 }
 
+// p[k*ldp + j] += sum_i a[k*MR + i] * t[i*NV*width + j]: t's MR x NV vectors
+// live in registers, so each depth entry is NV loads, MR broadcasts, MR*NV
+// FMAs and NV stores.  Successive entries are independent, which hides the
+// FMA chain's latency.
+template <class V, int MR, int NV>
+static inline void simd_panel_outer(int64_t depth, const float* a, const float* t, float* p, int64_t ldp) {
+  typename V::vec tv[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) tv[i][j] = V::load(t + (i * NV + j) * V::width);
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    float* row = p + k * ldp;
+    typename V::vec acc[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[j] = V::load(row + j * V::width);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const typename V::vec av = V::broadcast(a[k * MR + i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[j] = V::fma(av, tv[i][j], acc[j]);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) V::store(row + j * V::width, acc[j]);
+  }
+}
+
 // Scalar expand for the unaligned head and tail of a row.
 // `out` points at position `base`.
 static inline const float* expand_scalar(const float* compact, const uint8_t* bits, int64_t lo,
