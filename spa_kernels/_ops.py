@@ -9,7 +9,7 @@ hands 2-D contiguous tensors to the backend, so backends never see strides.
 
 ``splora_linear_backward`` returns five tensors (x, weight, lora_a, lora_b,
 bias gradients); a gradient that was not asked for comes back as an empty
-placeholder, because custom-op schemas cannot return ``None``.
+placeholder, because op schemas cannot return ``None``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-
-_LIB = "spa_kernels"
+from ._dispatch import define_op, refuse_derivative, register_autograd, register_fake
 
 
 def _empty_like_missing(t: Tensor | None, ref: Tensor) -> Tensor:
@@ -33,7 +32,7 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 # --------------------------------------------------------------------------- forward
 
 
-@torch.library.custom_op(f"{_LIB}::splora_linear", mutates_args=())
+@define_op("splora_linear")
 def splora_linear(
     x: Tensor,
     weight: Tensor,
@@ -64,10 +63,12 @@ def _own_storage(y: Tensor, shape: tuple[int, ...]) -> Tensor:
     made inside a custom function (``nn.ReLU(inplace=True)`` after the layer would
     fail).  Pointing a fresh tensor at ``y``'s storage reshapes without a copy.
     """
+    if y.shape == shape and not y._is_view():
+        return y
     return y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), shape, torch.empty(shape, device="meta").stride())
 
 
-@splora_linear.register_fake
+@register_fake(splora_linear)
 def _(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, backend):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
@@ -75,7 +76,7 @@ def _(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, backend):
 # --------------------------------------------------------------------------- backward
 
 
-@torch.library.custom_op(f"{_LIB}::splora_linear_backward", mutates_args=())
+@define_op("splora_linear_backward")
 def splora_linear_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -117,7 +118,7 @@ def splora_linear_backward(
     )
 
 
-@splora_linear_backward.register_fake
+@register_fake(splora_linear_backward)
 def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, backend, output_mask):
     has_lora = lora_a is not None
     shapes = (
@@ -131,6 +132,9 @@ def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, backend, outp
         x.new_empty(shape) if want and shape is not None else x.new_empty(0)
         for want, shape in zip(output_mask, shapes, strict=True)
     )
+
+
+refuse_derivative(splora_linear_backward)
 
 
 def _setup_linear_context(ctx, inputs, output):
@@ -152,9 +156,7 @@ def _linear_backward(ctx, grad_out):
     return (*grads, None, None, None, None)
 
 
-torch.library.register_autograd(
-    f"{_LIB}::splora_linear", _linear_backward, setup_context=_setup_linear_context
-)
+register_autograd(splora_linear, _linear_backward, setup_context=_setup_linear_context)
 
 
 # The convolution ops live in their own file; importing it registers them.

@@ -20,7 +20,7 @@ ints::
 
 Only the reference backend runs ``groups != 1``; the ops refuse it elsewhere.
 The backward ops return empty placeholders for gradients not asked for, because
-custom-op schemas cannot return ``None``.
+op schemas cannot return ``None``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from ._dispatch import define_op, refuse_derivative, register_autograd, register_fake
 from ._validation import conv_output_size
-
-_LIB = "spa_kernels"
 
 GROUPED_BACKENDS = ("reference",)
 
@@ -85,9 +84,7 @@ def _grads_or_placeholders(grads, x: Tensor) -> tuple[Tensor, ...]:
 # --------------------------------------------------------------------------- SPLoRA
 
 
-@torch.library.custom_op(
-    f"{_LIB}::splora_conv", mutates_args=(), schema=SPLORA_CONV_SCHEMA
-)
+@define_op("splora_conv", schema=SPLORA_CONV_SCHEMA)
 def splora_conv(
     x: Tensor,
     weight: Tensor,
@@ -112,14 +109,12 @@ def splora_conv(
     )
 
 
-@splora_conv.register_fake
+@register_fake(splora_conv)
 def _(x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale, backend):
     return x.new_empty(conv_output_shape(x, weight, stride, padding, dilation))
 
 
-@torch.library.custom_op(
-    f"{_LIB}::splora_conv_backward", mutates_args=(), schema=SPLORA_CONV_BACKWARD_SCHEMA
-)
+@define_op("splora_conv_backward", schema=SPLORA_CONV_BACKWARD_SCHEMA)
 def splora_conv_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -156,7 +151,7 @@ def splora_conv_backward(
     return _grads_or_placeholders(grads, x)
 
 
-@splora_conv_backward.register_fake
+@register_fake(splora_conv_backward)
 def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, stride, padding, dilation, groups, scale, backend,
       output_mask):
     has_lora = lora_a is not None
@@ -171,6 +166,9 @@ def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, stride, padding, dil
         x.new_empty(shape) if want and shape is not None else x.new_empty(0)
         for want, shape in zip(output_mask, shapes, strict=True)
     )
+
+
+refuse_derivative(splora_conv_backward)
 
 
 def _setup_splora_context(ctx, inputs, output):
@@ -193,17 +191,13 @@ def _splora_backward(ctx, grad_out):
     return (*grads, None, None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd(
-    f"{_LIB}::splora_conv", _splora_backward, setup_context=_setup_splora_context
-)
+register_autograd(splora_conv, _splora_backward, setup_context=_setup_splora_context)
 
 
 # --------------------------------------------------------------------------- SPPaRA
 
 
-@torch.library.custom_op(
-    f"{_LIB}::sppara_conv", mutates_args=(), schema=SPPARA_CONV_SCHEMA
-)
+@define_op("sppara_conv", schema=SPPARA_CONV_SCHEMA)
 def sppara_conv(
     x: Tensor,
     weight: Tensor,
@@ -226,14 +220,12 @@ def sppara_conv(
     )
 
 
-@sppara_conv.register_fake
+@register_fake(sppara_conv)
 def _(x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend):
     return x.new_empty(conv_output_shape(x, weight, stride, padding, dilation))
 
 
-@torch.library.custom_op(
-    f"{_LIB}::sppara_conv_backward", mutates_args=(), schema=SPPARA_CONV_BACKWARD_SCHEMA
-)
+@define_op("sppara_conv_backward", schema=SPPARA_CONV_BACKWARD_SCHEMA)
 def sppara_conv_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -265,12 +257,15 @@ def sppara_conv_backward(
     return _grads_or_placeholders(grads, x)
 
 
-@sppara_conv_backward.register_fake
+@register_fake(sppara_conv_backward)
 def _(grad_out, x, weight, adapter, in_idx, out_idx, stride, padding, dilation, groups, backend, output_mask):
     shapes = (x.shape, weight.shape, adapter.shape, weight.shape[:1])
     return tuple(
         x.new_empty(shape) if want else x.new_empty(0) for want, shape in zip(output_mask, shapes, strict=True)
     )
+
+
+refuse_derivative(sppara_conv_backward)
 
 
 def _setup_sppara_context(ctx, inputs, output):
@@ -292,6 +287,4 @@ def _sppara_backward(ctx, grad_out):
     return (*grads, None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd(
-    f"{_LIB}::sppara_conv", _sppara_backward, setup_context=_setup_sppara_context
-)
+register_autograd(sppara_conv, _sppara_backward, setup_context=_setup_sppara_context)

@@ -1,7 +1,7 @@
 """How the ops are registered with the dispatcher (``spa_kernels/_dispatch.py``).
 
 The ops are defined with ``torch.library.Library`` rather than ``custom_op``;
-these checks pin down what ``custom_op`` gave for free: the ``pt2_compliant``
+these checks pin down what ``custom_op`` would give for free: the ``pt2_compliant``
 tag, a kernel for every device, a fake kernel, an autograd kernel, and outputs
 that need a gradient exactly when an input does and grad mode is on.
 """

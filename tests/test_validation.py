@@ -208,3 +208,18 @@ def test_index_tensors_are_not_modified():
     _reference_result(arguments)
     assert arguments["in_idx"].dtype == torch.int32
     assert torch.equal(arguments["in_idx"], before[0]) and torch.equal(arguments["out_idx"], before[1])
+
+
+INDEX_LISTS = ([5], [0, 3, 9], [3, 3], [9, 2, 5], [-4, 1], [2, 1], [0, 1, 2, 7, 6])
+
+
+@pytest.mark.parametrize("values", INDEX_LISTS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_index_range_and_order_agree_on_host_and_device_paths(values, dtype):
+    """The NumPy path (CPU) and the one-transfer torch path (GPUs) give the same answers."""
+    from spa_kernels._validation import _range_and_order_on_device, _range_and_order_on_host
+
+    idx = torch.tensor(values, dtype=dtype)
+    expected = (min(values), max(values), all(b > a for a, b in zip(values, values[1:], strict=False)))
+    assert _range_and_order_on_host(idx) == expected
+    assert _range_and_order_on_device(idx) == expected
