@@ -90,8 +90,14 @@ def device_name(device: torch.device) -> str:
 
 
 def results_path(device: torch.device, date: str) -> Path:
+    """``<device>-<date>.md``, or ``<device>-<date>-<n>.md`` for the day's n-th run: never an earlier run's file."""
     slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") or device.type
-    return RESULTS_DIR / f"{slug}-{date}.md"
+    path = RESULTS_DIR / f"{slug}-{date}.md"
+    run = 2
+    while path.exists():
+        path = RESULTS_DIR / f"{slug}-{date}-{run}.md"
+        run += 1
+    return path
 
 
 # --------------------------------------------------------------------------- rendering
