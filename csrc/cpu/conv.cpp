@@ -120,17 +120,23 @@ void clear_inactive_planes(S* out, int64_t N, int64_t C, int64_t plane, IndexLis
   }
 }
 
-// Patch operand over x for output positions: the given depth entries.
+// Which positions a patch operand runs over (see PatchGeometry): output
+// positions reading x (forward, weight gradient), or input positions reading
+// dy (input gradient, which divides by the stride where the forward multiplies).
+enum class PatchGrid { output, input };
+
+// Patch operand over `data` (x, or dy for PatchGrid::input): the given depth entries.
 template <typename S>
-PatchOperand<S> input_patches(const S* x, const ConvShapes& s, const PatchTaps& taps) {
+PatchOperand<S> patch_operand(const S* data, const ConvShapes& s, const PatchTaps& taps, PatchGrid grid) {
+  const bool over_input = grid == PatchGrid::input;
   PatchOperand<S> op;
-  op.data = x;
+  op.data = data;
   op.g.batch = s.N;
-  op.g.channels = s.C_in;
+  op.g.channels = over_input ? s.C_out : s.C_in;
   for (int d = 0; d < 3; ++d) {
-    op.g.grid[d] = s.out[d];
-    op.g.src[d] = s.in[d];
-    op.g.mul[d] = s.stride[d];
+    op.g.grid[d] = over_input ? s.in[d] : s.out[d];
+    op.g.src[d] = over_input ? s.out[d] : s.in[d];
+    (over_input ? op.g.div : op.g.mul)[d] = s.stride[d];
   }
   op.taps = &taps;
   op.depth = taps.size();
@@ -243,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::vector<int64_t> centre_index, centre_tap;
     for (int64_t c = 0; c < s.S.count; ++c) centre_index.push_back(c), centre_tap.push_back(s.centre);
     const PatchTaps centre_taps = input_taps(s, centre_index, centre_tap);
-    PatchOperand<S> x_centre_columns = input_patches(xp, s, centre_taps);  // (c, m)
+    PatchOperand<S> x_centre_columns = patch_operand(xp, s, centre_taps, PatchGrid::output);  // (c, m)
     x_centre_columns.transposed = true;
     x_centre_columns.depth = M;
 
@@ -300,18 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             const auto off = mirrored(kk_tap[i]);
             taps.add(at_list(s.O, kk_index[i]), {off[0], off[1], off[2]});
           }
-          PatchOperand<S> a;
-          a.data = dy;
-          a.g.batch = s.N;
-          a.g.channels = s.C_out;
-          for (int d = 0; d < 3; ++d) {
-            a.g.grid[d] = s.in[d];
-            a.g.src[d] = s.out[d];
-            a.g.div[d] = s.stride[d];
-          }
-          a.taps = &taps;
-          a.depth = taps.size();
-          run(a);
+          run(patch_operand(dy, s, taps, PatchGrid::input));
         }
       }
     }
@@ -415,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       }
       const PatchTaps taps = input_taps(s, kk_index, kk_tap);
-      PatchOperand<S> patches = input_patches(xp, s, taps);
+      PatchOperand<S> patches = patch_operand(xp, s, taps, PatchGrid::output);
       patches.transposed = true;
       patches.depth = M;
       const IndexList positions{columns.data(), static_cast<int64_t>(columns.size())};
