@@ -17,6 +17,7 @@ import torch
 from _linear_cases import recording_backend_calls
 
 import spa_kernels
+from spa_kernels import cpu as cpu_backend
 
 M, IN, OUT, RANK = 4, 6, 5, 2
 
@@ -215,11 +216,33 @@ INDEX_LISTS = ([5], [0, 3, 9], [3, 3], [9, 2, 5], [-4, 1], [2, 1], [0, 1, 2, 7, 
 
 @pytest.mark.parametrize("values", INDEX_LISTS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_index_range_and_order_agree_on_host_and_device_paths(values, dtype):
-    """The NumPy path (CPU) and the one-transfer torch path (GPUs) give the same answers."""
-    from spa_kernels._validation import _range_and_order_on_device, _range_and_order_on_host
+def test_index_range_and_order_agree_on_every_path(values, dtype):
+    """The compiled reader, the NumPy fallback and the one-transfer torch path (GPUs) agree."""
+    from spa_kernels import _validation
 
     idx = torch.tensor(values, dtype=dtype)
     expected = (min(values), max(values), all(b > a for a, b in zip(values, values[1:], strict=False)))
-    assert _range_and_order_on_host(idx) == expected
-    assert _range_and_order_on_device(idx) == expected
+    assert _validation._range_and_order_with_numpy(idx) == expected
+    assert _validation._range_and_order_on_device(idx) == expected
+    assert _validation._range_and_order_on_host(idx) == expected
+    if cpu_backend.BUILT:  # the host path then reads through the extension
+        assert _validation._index_bounds is not None
+        strided = torch.tensor([v for v in values for _ in range(2)], dtype=dtype)[::2]
+        assert _validation._index_bounds(strided) == expected
+
+
+@pytest.mark.skipif(not cpu_backend.BUILT, reason="the compiled extension is not built")
+@pytest.mark.parametrize(
+    "idx, error",
+    [
+        (torch.tensor([], dtype=torch.int64), ValueError),
+        (torch.zeros(2, 2, dtype=torch.int64), ValueError),
+        (torch.tensor([1.0, 2.0]), TypeError),
+    ],
+    ids=["empty", "2-D", "float"],
+)
+def test_compiled_index_reader_refuses_what_it_cannot_read(idx, error):
+    from spa_kernels._validation import _index_bounds
+
+    with pytest.raises(error, match="index_bounds"):
+        _index_bounds(idx)
