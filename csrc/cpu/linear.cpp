@@ -6,10 +6,12 @@
 //             dy_O blocks the dx GEMM packs, so dy is read once),
 //             dW_OS = dy_O^T x_S (only when the weight requires grad)
 //
-// The rank-r product is appended to the GEMM's depth, so the adapter costs
-// r extra columns of one GEMM instead of a second full-size product, and
-// nothing of size out x in is ever built.  Inactive outputs are written as
-// zeros by the same pass that writes the active ones (ScatterRows).
+// The adapter never costs a second full-size product: masked_gemm either folds
+// s B_O A_S into the packed panels of W_OS (|O| x |S| x r multiplies, once) or
+// appends the rank-r product to the GEMM as r extra columns, whichever
+// multiplies less; the backward keeps the columns where dA needs u.  Nothing
+// of size out x in is ever built.  Inactive outputs are written as zeros by
+// the same pass that writes the active ones (ScatterRows).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>

@@ -172,9 +172,12 @@ constexpr bool packs_many_panels = requires { Op::kPacksManyPanels; };
 
 // A low-rank term added to a product:  C += scale * (A inner^T) outer^T.
 // `inner` is logical (j, k), rank x depth of A; `outer` is logical (n, j),
-// N x rank.  The rank-r product A inner^T is computed from the same packed A
-// blocks as the main product (as r extra output columns), so A is read once;
-// `save`, if set, receives scale * A inner^T (M x rank) for later use.
+// N x rank.  masked_gemm adds it one of two ways, whichever multiplies less:
+// folded into B's packed panels (B(n, k) += scale * outer(n, :) . inner(:, k),
+// N x depth x rank once), or as r extra output columns computed from the same
+// packed A blocks as the main product (M x rank x (depth + N)), so A is read
+// once.  `save`, if set, receives scale * A inner^T (M x rank) for later use,
+// which only the columns compute.
 template <typename S, typename T>
 struct LowRankTerm {
   GatherMatrix<S> inner;
@@ -212,6 +215,32 @@ class AlignedBuffer {
 template <typename T>
 using PackedBlockHook = std::function<void(int64_t, int64_t, int64_t, int64_t, const T*, int)>;
 
+// Adds scale * outer . inner to B's packed panels [p_first, p_last): the
+// low-rank term folded into the weights, for the columns of those panels only.
+// `inner_panels` is inner^T (depth x rank) packed into micro-panels of mr rows,
+// already times scale; `packed_outer` holds outer in B's panel layout.  The
+// tile kernel computes each (mr x nr) block of the update; a last block that
+// would run past the term's depth goes through `spill` (mr x nr).
+template <typename T>
+void fold_low_rank(const TileKernels<T>& kern, int64_t depth, int64_t rank, const T* inner_panels,
+                   const T* packed_outer, T* packed_b, int64_t panel_depth, int64_t p_first, int64_t p_last,
+                   T* spill) {
+  const int mr = kern.mr, nr = kern.nr;
+  for (int64_t jp = p_first; jp < p_last; ++jp) {
+    const T* outer = packed_outer + jp * rank * nr;
+    T* panel = packed_b + jp * panel_depth * nr;
+    for (int64_t k0 = 0; k0 < depth; k0 += mr) {
+      const T* a = inner_panels + (k0 / mr) * rank * mr;
+      if (k0 + mr <= depth) {
+        kern.tile(rank, a, outer, panel + k0 * nr, nr, true);
+      } else {
+        kern.tile(rank, a, outer, spill, nr, false);
+        for (int64_t e = 0; e < (depth - k0) * nr; ++e) panel[k0 * nr + e] += spill[e];
+      }
+    }
+  }
+}
+
 // Threads to use: torch's setting, and one inside an outer parallel region.
 inline int gemm_threads() {
   return omp_in_parallel() ? 1 : std::max(1, omp_get_max_threads());
@@ -242,14 +271,27 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
   const int mr = kern.mr, nr = kern.nr;
   const int64_t n_panels = (N + nr - 1) / nr;
   const int64_t m_panels = (M + mr - 1) / mr;
-  const int64_t rank = low_rank ? low_rank->rank : 0;
-  const int64_t rank_panels = (rank + nr - 1) / nr;
+  const int64_t term_rank = low_rank ? low_rank->rank : 0;
   const int64_t inner_depth = low_rank && low_rank->inner_depth >= 0 ? std::min(low_rank->inner_depth, K) : K;
+  // Folding the term into B costs N x depth x rank multiplies; its r extra
+  // output columns cost M x rank x (depth + N), and only they can be saved.
+  const bool fold = term_rank > 0 && !low_rank->save && N * inner_depth < M * (inner_depth + N);
+  const int64_t rank = fold ? 0 : term_rank;  // the extra output columns
+  const int64_t rank_panels = (rank + nr - 1) / nr;
   const int64_t k_alloc = std::max<int64_t>(K, 1);
 
-  // B, the low-rank inner factor (as extra panels after B's) and outer factor.
+  // B, the low-rank inner factor (as extra panels after B's, or folded into
+  // them from micro-panels of its transpose) and outer factor.
   AlignedBuffer<T> packed_b((n_panels + rank_panels) * k_alloc * nr);
-  AlignedBuffer<T> packed_outer(n_panels * std::max<int64_t>(rank, 1) * nr);
+  AlignedBuffer<T> packed_outer(n_panels * std::max<int64_t>(term_rank, 1) * nr);
+  const int64_t fold_rows = fold ? (inner_depth + mr - 1) / mr * mr : 0;
+  AlignedBuffer<T> inner_panels(fold_rows * term_rank);
+  if (fold) {
+    GatherMatrix<SL> inner_t = low_rank->inner;  // logical (k, j): the transpose
+    inner_t.transposed = !inner_t.transposed;
+    pack_block(inner_t, 0, inner_depth, 0, term_rank, mr, inner_panels.get());
+    for (int64_t e = 0; e < fold_rows * term_rank; ++e) inner_panels.get()[e] *= low_rank->scale;
+  }
 #pragma omp parallel num_threads(num_threads)
   {
     const int threads = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -261,7 +303,14 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
     for (int64_t jp = p_first; jp < p_last; jp += step) {
       const int64_t n0 = jp * nr, nn = std::min(N, std::min(jp + step, p_last) * nr) - n0;
       b.pack(n0, nn, 0, K, nr, packed_b.get() + jp * K * nr);
-      if (rank > 0) pack_block(low_rank->outer, n0, nn, 0, rank, nr, packed_outer.get() + jp * rank * nr);
+      if (term_rank > 0) {
+        pack_block(low_rank->outer, n0, nn, 0, term_rank, nr, packed_outer.get() + jp * term_rank * nr);
+      }
+    }
+    if (fold) {
+      AlignedBuffer<T> spill(static_cast<int64_t>(mr) * nr);
+      fold_low_rank(kern, inner_depth, term_rank, inner_panels.get(), packed_outer.get(), packed_b.get(), K,
+                    p_first, p_last, spill.get());
     }
     for (int64_t lp = tid; lp < rank_panels; lp += threads) {
       const int64_t j0 = lp * nr;
@@ -346,7 +395,7 @@ void masked_gemm(const TileKernels<T>& kern, int64_t M, int64_t N, const OpA& a,
             }
           }
           for (int64_t jp = p_begin; jp < p_end; ++jp) {
-            const T* bp = packed_outer.get() + jp * rank * nr;
+            const T* bp = packed_outer.get() + jp * term_rank * nr;
             T* cp = c.get() + (jp - p_begin) * nr;
             for (int64_t ip = 0; ip < row_panels; ++ip) {
               kern.tile(rank, u + ip * rank * mr, bp, cp + ip * mr * ldc, ldc, true);

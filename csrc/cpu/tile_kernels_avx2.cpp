@@ -40,46 +40,60 @@ void panel_outer(int64_t depth, const float* a, const float* t, float* p, int64_
   simd_panel_outer<Vec, kMR, kNV>(depth, a, t, p, ldp);
 }
 
-// perm[m][j]: which compact element lands in lane j of a window whose active
-// lanes are the set bits of m (the count of active lanes below j).
+// For a window whose active lanes are the set bits of m: perm[m][j] is the
+// compact element that lands in lane j (the count of active lanes below j),
+// and keep[m][j] is all ones where lane j is active, zero elsewhere.
 struct ExpandTable {
   alignas(32) int32_t perm[256][8];
+  alignas(32) int32_t keep[256][8];
   ExpandTable() {
     for (int m = 0; m < 256; ++m) {
       int next = 0;
-      for (int j = 0; j < 8; ++j) perm[m][j] = ((m >> j) & 1) ? next++ : 0;
+      for (int j = 0; j < 8; ++j) {
+        const bool active = (m >> j) & 1;
+        perm[m][j] = active ? next++ : 0;
+        keep[m][j] = active ? -1 : 0;
+      }
     }
   }
 };
 
-void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, float* out, bool stream) {
-  static const ExpandTable table;
-  int64_t p = lo;
-  const int64_t head_end = hi < ((lo + 7) & ~int64_t(7)) ? hi : ((lo + 7) & ~int64_t(7));
-  compact = expand_scalar(compact, bits, p, head_end, out, lo);
-  p = head_end;
-  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  for (; p + 8 <= hi; p += 8) {
+// Whole windows of [p, hi): every window takes the same path, with no branch
+// on its bits (at low keep ratios they vary from window to window, and a
+// mispredicted branch costs more than the permutation it would skip).
+template <bool kStream>
+const float* expand_windows(const ExpandTable& table, const float* compact, const uint8_t* bits, int64_t p,
+                            int64_t hi, float* dst) {
+  for (; p + 8 <= hi; p += 8, dst += 8) {
     const unsigned m = bits[p >> 3];
-    __m256 v;
-    if (m == 0xFFu) {
-      v = _mm256_loadu_ps(compact);
-    } else {
-      const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.perm[m]));
-      const __m256i lanes = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), lane_bit);
-      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lanes, lane_bit));
-      v = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(compact), index), keep);
-    }
-    float* dst = out + (p - lo);
-    if (stream && (reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
+    const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.perm[m]));
+    const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(table.keep[m]));
+    const __m256 v = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(compact), index), keep);
+    if constexpr (kStream) {
       _mm256_stream_ps(dst, v);
     } else {
       _mm256_storeu_ps(dst, v);
     }
     compact += __builtin_popcount(m);
   }
-  expand_scalar(compact, bits, p, hi, out, lo);
-  if (stream) _mm_sfence();  // order the streamed stores before anyone reads them
+  return compact;
+}
+
+void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, float* out, bool stream) {
+  static const ExpandTable table;
+  const int64_t head_end = hi < ((lo + 7) & ~int64_t(7)) ? hi : ((lo + 7) & ~int64_t(7));
+  compact = expand_scalar(compact, bits, lo, head_end, out, lo);
+  float* dst = out + (head_end - lo);
+  const int64_t tail = head_end + (hi - head_end) / 8 * 8;
+  // Streaming stores need 32-byte alignment; a row that starts misaligned is
+  // misaligned in every window.
+  if (stream && (reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
+    compact = expand_windows<true>(table, compact, bits, head_end, hi, dst);
+    _mm_sfence();  // order the streamed stores before anyone reads them
+  } else {
+    compact = expand_windows<false>(table, compact, bits, head_end, hi, dst);
+  }
+  expand_scalar(compact, bits, tail, hi, out, lo);
 }
 
 }  // namespace avx2
