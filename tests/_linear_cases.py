@@ -214,6 +214,11 @@ SMALL_SPECS = {
     "scale-zero": LinearSpec(scale=0.0),
     "expanded-grad-out": LinearSpec(expanded_grad=True),
     "square-48": LinearSpec(lead=(40,), in_features=48, out_features=48, rank=16),
+    # The cpu backend adds the adapter by the route that multiplies less
+    # (csrc/cpu/masked_gemm.h): as r extra columns when rows are few, folded into
+    # the packed weight panels when they are many (here with a ragged last block).
+    "adapter-as-columns": LinearSpec(lead=(2,), in_features=40, out_features=44, rank=8, keep_in=0.75, keep_out=0.75),
+    "adapter-folded": LinearSpec(lead=(40,), in_features=9, out_features=11, rank=8, keep_in=None, keep_out=None),
     "empty-batch": LinearSpec(lead=(0,), in_features=7, out_features=5, grads=GRAD_NAMES),
     "empty-batch-nd": LinearSpec(lead=(3, 0), in_features=7, out_features=5),
 }
