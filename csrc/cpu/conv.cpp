@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const auto& kernels = kernels_for<T>();
     const S* dy = grad_out.data_ptr<S>();
     const S* xp = x.data_ptr<S>();
-    const std::vector<uint8_t> in_bits = active_bits(s.S, s.C_in);
+    const ActivePositions inputs = active_positions(s.S, s.C_in);
     std::vector<T> scratch;
     // dy as rows of active output channels over all output positions.
     const ChannelRows<S> dy_rows{dy, s.C_out, s.out_plane(), s.O.ptr, M};
@@ -329,18 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const Operand<S> b_active{{lora_b->data_ptr<S>(), s.rank, s.O.ptr, nullptr, true}, s.O.count};
         masked_gemm<T>(kernels, M, s.rank, dy_positions, b_active, StoreDense<T>{u.get(), s.rank, T(scale)}, threads);
         const Operand<T> u_columns{{u.get(), s.rank, nullptr, nullptr, true}, M};  // (j, m) = u[m, j]
-        auto writer = ScatterRows<S, T>{};
-        writer.kernels = &kernels;
-        writer.out = grad_a.data_ptr<S>();
-        writer.ld = s.C_in;
-        writer.positions = s.S;
-        writer.bits = in_bits.data();
-        writer.width = s.C_in;
-        if constexpr (!std::is_same_v<S, T>) {
-          writer.scratch_ld = s.C_in + kSlack;
-          scratch.assign(static_cast<size_t>(threads) * writer.scratch_ld, T(0));
-          writer.scratch = scratch.data();
-        }
+        auto writer = scatter_into(grad_a.data_ptr<S>(), s.C_in, inputs, s.rank, scratch, threads);
         masked_gemm<T>(kernels, s.rank, s.S.count, u_columns, x_centre_columns, writer, threads);
       }
     }
@@ -377,28 +366,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         masked_gemm<T>(kernels, s.O.count, q, dy_rows, b, writer, threads);
       }
     }
-    auto gradient_rows = [&](at::Tensor& grad, int64_t width, IndexList positions, const std::vector<uint8_t>& bits,
-                             const auto& columns) {
+    auto gradient_rows = [&](at::Tensor& grad, const ActivePositions& positions, const auto& columns) {
       // grad[O[o], positions] = dy_O^T columns; rows outside O stay zero.
-      if (s.O.count == 0 || positions.count == 0) return;
-      ScatterRows<S, T> writer;
-      writer.kernels = &kernels;
-      writer.out = grad.data_ptr<S>();
-      writer.ld = width;
+      if (s.O.count == 0 || positions.list.count == 0) return;
+      auto writer = scatter_into(grad.data_ptr<S>(), positions.width, positions, s.O.count, scratch, threads);
       writer.row_idx = s.O.ptr;
-      writer.positions = positions;
-      writer.bits = bits.data();
-      writer.width = width;
-      if constexpr (!std::is_same_v<S, T>) {
-        writer.scratch_ld = width + kSlack;
-        scratch.assign(static_cast<size_t>(threads) * writer.scratch_ld, T(0));
-        writer.scratch = scratch.data();
-      }
-      masked_gemm<T>(kernels, s.O.count, positions.count, dy_rows, columns, writer, threads);
+      masked_gemm<T>(kernels, s.O.count, positions.list.count, dy_rows, columns, writer, threads);
     };
     if (need_p) {
       grad_p = at::zeros({s.C_out, s.C_in}, x.options());
-      gradient_rows(grad_p, s.C_in, s.S, in_bits, x_centre_columns);
+      gradient_rows(grad_p, inputs, x_centre_columns);
     }
     if (need_w) {
       grad_w = at::zeros(weight.sizes(), x.options());
@@ -414,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       patches.transposed = true;
       patches.depth = M;
       const IndexList positions{columns.data(), static_cast<int64_t>(columns.size())};
-      gradient_rows(grad_w, s.C_in * s.taps, positions, active_bits(positions, s.C_in * s.taps), patches);
+      gradient_rows(grad_w, active_positions(positions, s.C_in * s.taps), patches);
     }
   });
   return {grad_x, grad_w, grad_a, grad_b, grad_p, grad_bias};

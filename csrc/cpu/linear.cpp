@@ -27,9 +27,6 @@
 namespace spa_kernels::cpu {
 namespace {
 
-// Outputs at least this large are written with non-temporal stores.
-constexpr int64_t kStreamingBytes = int64_t(16) << 20;
-
 void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
@@ -88,26 +85,6 @@ void rank_product(const Operand<S>& activations, const GatherMatrix<S>& factor, 
                  threads);
 }
 
-template <typename S>
-ScatterRows<S, acc_t<S>> scatter_into(S* out, int64_t ld, IndexList positions, const std::vector<uint8_t>& bits,
-                                      int64_t width, int64_t rows, std::vector<acc_t<S>>& scratch, int threads) {
-  ScatterRows<S, acc_t<S>> w;
-  w.kernels = &kernels_for<acc_t<S>>();
-  w.out = out;
-  w.ld = ld;
-  w.positions = positions;
-  w.bits = bits.data();
-  w.width = width;
-  // Stream stores only when the output dwarfs the last-level cache share.
-  w.stream = static_cast<int64_t>(sizeof(S)) * width * rows >= kStreamingBytes;
-  if constexpr (!std::is_same_v<S, acc_t<S>>) {
-    w.scratch_ld = width + kSlack;
-    scratch.assign(static_cast<size_t>(threads) * w.scratch_ld, acc_t<S>(0));
-    w.scratch = scratch.data();
-  }
-  return w;
-}
-
 at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_idx,
@@ -142,9 +119,9 @@ at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
       bias_active.resize(s.O.count);
       for (int64_t o = 0; o < s.O.count; ++o) bias_active[o] = static_cast<T>(bp[s.O.ptr ? s.O.ptr[o] : o]);
     }
-    const std::vector<uint8_t> bits = active_bits(s.O, s.out);
+    const ActivePositions outputs = active_positions(s.O, s.out);
     std::vector<T> scratch;
-    auto writer = scatter_into(y.data_ptr<S>(), s.out, s.O, bits, s.out, s.M, scratch, threads);
+    auto writer = scatter_into(y.data_ptr<S>(), s.out, outputs, s.M, scratch, threads);
     writer.bias = has_bias ? bias_active.data() : nullptr;
     masked_gemm<T>(kernels_for<T>(), s.M, s.O.count, a, b, writer, threads, s.rank > 0 ? &adapter : nullptr);
   });
@@ -171,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
     const S* dy = grad_out.data_ptr<S>();
     const S* xp = x.data_ptr<S>();
     const S* wp = weight.data_ptr<S>();
-    const std::vector<uint8_t> in_bits = active_bits(s.S, s.in);
+    const ActivePositions inputs = active_positions(s.S, s.in);
     std::vector<T> scratch;
     const Operand<S> dy_active = rows_of(dy, s.out, s.O);  // (m, o) = dy[m, O[o]]
     const Operand<S> dy_columns = columns_of(dy, s.out, s.O, s.M);  // (o, m) = dy[m, O[o]]
@@ -212,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
           adapter.scale = T(scale);
           adapter.save = need_a ? u.get() : nullptr;
         }
-        auto writer = scatter_into(grad_x.data_ptr<S>(), s.in, s.S, in_bits, s.in, s.M, scratch, threads);
+        auto writer = scatter_into(grad_x.data_ptr<S>(), s.in, inputs, s.M, scratch, threads);
         masked_gemm<T>(kernels_for<T>(), s.M, s.S.count, dy_active, b, writer, threads,
                        s.rank > 0 ? &adapter : nullptr, dx_sums ? &sum_dy_blocks : nullptr);
       }
@@ -232,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
         grad_a.zero_();
       } else {
         const Operand<T> a{{u.get(), s.rank, nullptr, nullptr, true}, s.M};  // (j, m) = u[m, j]
-        auto writer = scatter_into(grad_a.data_ptr<S>(), s.in, s.S, in_bits, s.in, s.rank, scratch, threads);
+        auto writer = scatter_into(grad_a.data_ptr<S>(), s.in, inputs, s.rank, scratch, threads);
         masked_gemm<T>(kernels_for<T>(), s.rank, s.S.count, a, x_columns, writer, threads);
       }
     }
@@ -278,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
         }
       }
       if (s.S.count > 0 && s.O.count > 0) {
-        auto writer = scatter_into(gw, s.in, s.S, in_bits, s.in, s.O.count, scratch, threads);
+        auto writer = scatter_into(gw, s.in, inputs, s.O.count, scratch, threads);
         writer.row_idx = s.O.ptr;
         masked_gemm<T>(kernels_for<T>(), s.O.count, s.S.count, dy_columns, x_columns, writer, threads);
       }

@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "isa.h"
 #include "masked_gemm.h"
 
 namespace spa_kernels::cpu {
@@ -42,14 +43,30 @@ inline IndexList index_list(const std::optional<at::Tensor>& idx, int64_t size, 
   return {p, n};
 }
 
-// Bit p set when position p is active; 8 bytes of slack for 16-wide reads.
-inline std::vector<uint8_t> active_bits(IndexList idx, int64_t width) {
-  std::vector<uint8_t> bits((width + 7) / 8 + 8, 0);
+// The active positions of a row in the form `expand` reads them: bit p of
+// `bits` is set when position p is active (8 bytes of slack for 16-wide
+// reads), and first[w] counts the active positions below 8w, so each window of
+// eight finds its values in the compact row without counting the ones before.
+struct ActivePositions {
+  IndexList list;
+  int64_t width = 0;
+  std::vector<uint8_t> bits;
+  std::vector<int64_t> first;
+};
+
+inline ActivePositions active_positions(IndexList idx, int64_t width) {
+  ActivePositions a{idx, width, std::vector<uint8_t>((width + 7) / 8 + 8, 0), {}};
   for (int64_t n = 0; n < idx.count; ++n) {
     const int64_t p = idx.ptr ? idx.ptr[n] : n;
-    bits[p >> 3] |= static_cast<uint8_t>(1u << (p & 7));
+    a.bits[p >> 3] |= static_cast<uint8_t>(1u << (p & 7));
   }
-  return bits;
+  a.first.resize((width + 7) / 8 + 1);
+  int64_t below = 0;
+  for (size_t w = 0; w < a.first.size(); ++w) {
+    a.first[w] = below;
+    below += __builtin_popcount(a.bits[w]);
+  }
+  return a;
 }
 
 // Stores C rows densely into a T matrix (the rank-r products), times `scale`.
@@ -65,7 +82,7 @@ struct StoreDense {
 };
 
 // Scatters C rows into full-width output rows of dtype S: GEMM row i goes to
-// output row row_idx[i], column n to position positions[n]; every other
+// output row row_idx[i], column n to the n-th active position; every other
 // position of that row segment is written as zero in the same pass, so the
 // output needs no separate clearing.
 template <typename S, typename T>
@@ -74,9 +91,7 @@ struct ScatterRows {
   S* out = nullptr;
   int64_t ld = 0;
   const int64_t* row_idx = nullptr;
-  IndexList positions;         // over `width`; null ptr = identity
-  const uint8_t* bits = nullptr;
-  int64_t width = 0;
+  const ActivePositions* active = nullptr;  // over the row's width; a null list = identity
   const T* bias = nullptr;     // per GEMM column, or null
   T scale = T(1);
   bool stream = false;         // non-temporal stores (outputs far larger than cache)
@@ -91,15 +106,16 @@ struct ScatterRows {
     if (scale != T(1)) {
       for (int64_t n = 0; n < count; ++n) c[n] *= scale;
     }
+    const IndexList& positions = active->list;
     int64_t lo = n0, hi = n1;
     if (positions.ptr) {
       lo = n0 == 0 ? 0 : positions.ptr[n0];
-      hi = n1 == positions.count ? width : positions.ptr[n1];
+      hi = n1 == positions.count ? active->width : positions.ptr[n1];
     }
     S* row = out + (row_idx ? row_idx[i] : i) * ld + lo;
     if constexpr (std::is_same_v<S, T>) {
       if (positions.ptr) {
-        kernels->expand(c, bits, lo, hi, row, stream);
+        kernels->expand(c, active->bits.data(), active->first.data(), lo, hi, row, stream);
       } else {
         std::memcpy(row, c, sizeof(T) * count);
       }
@@ -107,12 +123,36 @@ struct ScatterRows {
       const T* src = c;
       if (positions.ptr) {
         T* tmp = scratch + thread * scratch_ld;
-        kernels->expand(c, bits, lo, hi, tmp, false);
+        kernels->expand(c, active->bits.data(), active->first.data(), lo, hi, tmp, false);
         src = tmp;
       }
       for (int64_t p = 0; p < hi - lo; ++p) row[p] = static_cast<S>(src[p]);
     }
   }
 };
+
+// Outputs at least this large are written with non-temporal stores.
+constexpr int64_t kStreamingBytes = int64_t(16) << 20;
+
+// A ScatterRows into `rows` rows of `out` (row stride ld) at `active`'s
+// positions; `scratch` holds the per-thread rows that dtypes other than the
+// accumulation type convert through.
+template <typename S>
+ScatterRows<S, acc_t<S>> scatter_into(S* out, int64_t ld, const ActivePositions& active, int64_t rows,
+                                      std::vector<acc_t<S>>& scratch, int threads) {
+  ScatterRows<S, acc_t<S>> w;
+  w.kernels = &kernels_for<acc_t<S>>();
+  w.out = out;
+  w.ld = ld;
+  w.active = &active;
+  // Stream stores only when the output dwarfs the last-level cache share.
+  w.stream = static_cast<int64_t>(sizeof(S)) * active.width * rows >= kStreamingBytes;
+  if constexpr (!std::is_same_v<S, acc_t<S>>) {
+    w.scratch_ld = active.width + kSlack;
+    scratch.assign(static_cast<size_t>(threads) * w.scratch_ld, acc_t<S>(0));
+    w.scratch = scratch.data();
+  }
+  return w;
+}
 
 }  // namespace spa_kernels::cpu

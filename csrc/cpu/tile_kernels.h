@@ -22,11 +22,15 @@ struct TileKernels {
   // c[i*ldc + j] (+)= sum_p a[p*mr + i] * b[p*nr + j] for i < mr, j < nr.
   void (*tile)(int64_t depth, const T* a, const T* b, T* c, int64_t ldc, bool accumulate);
   // Writes out[p - lo] for p in [lo, hi): the next compact value where bit p of
-  // `active_bits` is set, zero elsewhere.  `compact` may be read up to 16
-  // elements past the last value consumed (callers allocate that slack).
-  // `stream` asks for non-temporal stores: for outputs much larger than the
-  // caches, which would otherwise be read into cache just to be overwritten.
-  void (*expand)(const T* compact, const uint8_t* active_bits, int64_t lo, int64_t hi, T* out, bool stream);
+  // `active_bits` is set, zero elsewhere; `compact` starts at the value of the
+  // first active position at or after lo.  window_first[w] is the number of
+  // active positions below 8w (see ActivePositions), so windows need not
+  // count their way along the row.  `compact` may be read up to 16 elements
+  // past the last value consumed (callers allocate that slack).  `stream`
+  // asks for non-temporal stores: for outputs much larger than the caches,
+  // which would otherwise be read into cache just to be overwritten.
+  void (*expand)(const T* compact, const uint8_t* active_bits, const int64_t* window_first, int64_t lo,
+                 int64_t hi, T* out, bool stream);
   // The tile with A read in place instead of from a packed micro-panel:
   // c[i*ldc + j] (+)= sum_p rows[i][offsets[p]] * b[p*nr + j] for i < mr, j < nr.
   // For operands whose element (i, p) is a row address plus a depth offset

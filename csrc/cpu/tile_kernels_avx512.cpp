@@ -41,24 +41,25 @@ void panel_outer(int64_t depth, const float* a, const float* t, float* p, int64_
   simd_panel_outer<Vec, kMR, kNV>(depth, a, t, p, ldp);
 }
 
-void expand(const float* compact, const uint8_t* bits, int64_t lo, int64_t hi, float* out, bool stream) {
-  int64_t p = lo;
+void expand(const float* compact, const uint8_t* bits, const int64_t* window_first, int64_t lo, int64_t hi,
+            float* out, bool stream) {
   const int64_t aligned = (lo + 15) & ~int64_t(15);
   const int64_t head_end = hi < aligned ? hi : aligned;
-  compact = expand_scalar(compact, bits, p, head_end, out, lo);
-  p = head_end;
+  compact = expand_scalar(compact, bits, lo, head_end, out, lo);
+  // Values of the window at 8w start at base + window_first[w].
+  const float* base = compact - window_first[head_end >> 3];
+  int64_t p = head_end;
   for (; p + 16 <= hi; p += 16) {
     const unsigned m = static_cast<unsigned>(bits[p >> 3]) | (static_cast<unsigned>(bits[(p >> 3) + 1]) << 8);
-    const __m512 v = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m), compact);
+    const __m512 v = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m), base + window_first[p >> 3]);
     float* dst = out + (p - lo);
     if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
       _mm512_stream_ps(dst, v);
     } else {
       _mm512_storeu_ps(dst, v);
     }
-    compact += __builtin_popcount(m);
   }
-  expand_scalar(compact, bits, p, hi, out, lo);
+  expand_scalar(base + window_first[p >> 3], bits, p, hi, out, lo);
   if (stream) _mm_sfence();  // order the streamed stores before anyone reads them
 }
 

@@ -48,7 +48,8 @@ void panel_outer(int64_t depth, const T* a, const T* t, T* p, int64_t ldp) {
 }
 
 template <typename T>
-void expand(const T* compact, const uint8_t* bits, int64_t lo, int64_t hi, T* out, bool /*stream*/) {
+void expand(const T* compact, const uint8_t* bits, const int64_t* /*window_first*/, int64_t lo, int64_t hi, T* out,
+            bool /*stream*/) {
   for (int64_t p = lo; p < hi; ++p) {
     const bool active = (bits[p >> 3] >> (p & 7)) & 1;
     out[p - lo] = active ? *compact++ : T(0);
