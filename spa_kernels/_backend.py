@@ -41,24 +41,7 @@ class Backend(Protocol):
     def is_available(self, device_type: str, dtype: torch.dtype) -> bool: ...
 
 
-# (requested name, device type, dtype, op) -> backend: a layer asks the same
-# question on every call, and the answer changes only with the registry.
-_RESOLVED: dict[tuple[str, str, torch.dtype, str], Backend] = {}
-
-
-class _Registry(dict):
-    """Backends by name; adding, replacing or removing one forgets every cached answer."""
-
-    def __setitem__(self, name: str, backend: Backend) -> None:
-        super().__setitem__(name, backend)
-        _RESOLVED.clear()
-
-    def __delitem__(self, name: str) -> None:
-        super().__delitem__(name)
-        _RESOLVED.clear()
-
-
-_REGISTRY: dict[str, Backend] = _Registry()
+_REGISTRY: dict[str, Backend] = {}
 # Per-thread stack of use_backend() choices.  threading.local rather than a
 # ContextVar because torch.compile can trace (and guard on) its lookup.
 _LOCAL = threading.local()
@@ -134,14 +117,6 @@ def resolve(
     implements ``<op>_forward`` and ``<op>_backward``.
     """
     name = _requested(backend)
-    key = (name, device.type, dtype, op)
-    impl = _RESOLVED.get(key)
-    if impl is None:
-        impl = _RESOLVED[key] = _resolve_name(name, device, dtype, op)
-    return impl
-
-
-def _resolve_name(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Backend:
     if name != "auto":
         impl = _REGISTRY.get(name)
         if impl is None or not impl.is_available(device.type, dtype):

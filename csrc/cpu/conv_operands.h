@@ -163,14 +163,8 @@ struct PatchOperand {
     // depth entry copies `lanes` elements through it.
     for (int64_t kk = k0; kk < k0 + kc; ++kk) needed[taps->tap[kk]] = 1;
     build_sources(i0, ni, needed, table);
-    switch (lanes) {  // a compile-time lane count lets the copies vectorise
-      case 4: return pack_positions<4>(i0, ni, k0, kc, table, dst);
-      case 6: return pack_positions<6>(i0, ni, k0, kc, table, dst);
-      case 8: return pack_positions<8>(i0, ni, k0, kc, table, dst);
-      case 12: return pack_positions<12>(i0, ni, k0, kc, table, dst);
-      case 16: return pack_positions<16>(i0, ni, k0, kc, table, dst);
-      default: TORCH_CHECK(false, "PatchOperand: unsupported lane count ", lanes);
-    }
+    const bool packed = with_lanes(lanes, [&](auto l) { pack_positions<l.value>(i0, ni, k0, kc, table, dst); });
+    TORCH_CHECK(packed, "PatchOperand: unsupported lane count ", lanes);
   }
 
  private:

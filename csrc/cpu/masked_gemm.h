@@ -28,6 +28,7 @@
 #include <memory>
 #include <new>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "tile_kernels.h"
@@ -94,6 +95,21 @@ int64_t gather_full_panels(const GatherMatrix<S>& g, int64_t i0, int64_t ni, con
   return full;
 }
 
+// Calls fn(std::integral_constant<int, L>{}) for a run-time lane count L that
+// the tile kernels use (4, 6, 8, 12 or 16), so that a copy over lanes has a
+// compile-time trip count and vectorises; false for any other count.
+template <typename Fn>
+bool with_lanes(int lanes, Fn&& fn) {
+  switch (lanes) {
+    case 4: fn(std::integral_constant<int, 4>{}); return true;
+    case 6: fn(std::integral_constant<int, 6>{}); return true;
+    case 8: fn(std::integral_constant<int, 8>{}); return true;
+    case 12: fn(std::integral_constant<int, 12>{}); return true;
+    case 16: fn(std::integral_constant<int, 16>{}); return true;
+    default: return false;
+  }
+}
+
 // Copies logical rows [i0, i0+ni) x columns [j0, j0+nj) of `g` into
 // micro-panels of `lanes` rows: row i, column j goes to
 //     dst[(i / lanes) * nj * lanes + j * lanes + i % lanes],
@@ -108,14 +124,8 @@ void pack_block(const GatherMatrix<S>& g, int64_t i0, int64_t ni, int64_t j0, in
     int64_t first = 0;
     if (g.col_idx) {
       const int64_t* cols = g.col_idx + j0;
-      switch (lanes) {
-        case 4: first = gather_full_panels<4>(g, i0, ni, cols, nj, dst); break;
-        case 6: first = gather_full_panels<6>(g, i0, ni, cols, nj, dst); break;
-        case 8: first = gather_full_panels<8>(g, i0, ni, cols, nj, dst); break;
-        case 12: first = gather_full_panels<12>(g, i0, ni, cols, nj, dst); break;
-        case 16: first = gather_full_panels<16>(g, i0, ni, cols, nj, dst); break;
-        default: break;
-      }
+      // Other lane counts take the row-by-row loop below.
+      with_lanes(lanes, [&](auto l) { first = gather_full_panels<l.value>(g, i0, ni, cols, nj, dst); });
     }
     for (int64_t i = first; i < ni; ++i) {
       const S* src = g.data + g.row(i0 + i) * g.ld;
