@@ -73,28 +73,30 @@ inline void store_window(float* dst, __m256 v) {
   }
 }
 
-// Whole windows from position p (a multiple of 8) up to `end`; the values of
-// the window at 8w start at base + first[w].  Every window takes the same
-// path, with no branch on its bits (at low keep ratios they vary from window
-// to window, and a mispredicted branch costs more than the permutation it
-// would skip), and no window waits for the count of the one before; a whole
-// cache line is written at a time.
+// Whole windows from position p (a multiple of 8) up to `end`, with
+// `compact` at the values of position p: the window at 8w finds its values
+// first[w] - first[p / 8] further on.  Every window takes the same path, with
+// no branch on its bits (at low keep ratios they vary from window to window,
+// and a mispredicted branch costs more than the permutation it would skip),
+// and no window waits for the count of the one before; two cache lines are
+// written at a time.
 template <bool kStream>
-void expand_windows(const ExpandTable& table, const float* base, const uint8_t* bits, const int64_t* first,
+void expand_windows(const ExpandTable& table, const float* compact, const uint8_t* bits, const int64_t* first,
                     int64_t p, int64_t end, float* dst) {
+  const int64_t before = first[p >> 3];
   for (; p + 32 <= end; p += 32, dst += 32) {
     const int64_t w = p >> 3;
-    const __m256 v0 = expand_window(table, base + first[w], bits[w]);
-    const __m256 v1 = expand_window(table, base + first[w + 1], bits[w + 1]);
-    const __m256 v2 = expand_window(table, base + first[w + 2], bits[w + 2]);
-    const __m256 v3 = expand_window(table, base + first[w + 3], bits[w + 3]);
+    const __m256 v0 = expand_window(table, compact + (first[w] - before), bits[w]);
+    const __m256 v1 = expand_window(table, compact + (first[w + 1] - before), bits[w + 1]);
+    const __m256 v2 = expand_window(table, compact + (first[w + 2] - before), bits[w + 2]);
+    const __m256 v3 = expand_window(table, compact + (first[w + 3] - before), bits[w + 3]);
     store_window<kStream>(dst, v0);
     store_window<kStream>(dst + 8, v1);
     store_window<kStream>(dst + 16, v2);
     store_window<kStream>(dst + 24, v3);
   }
   for (; p + 8 <= end; p += 8, dst += 8) {
-    store_window<kStream>(dst, expand_window(table, base + first[p >> 3], bits[p >> 3]));
+    store_window<kStream>(dst, expand_window(table, compact + (first[p >> 3] - before), bits[p >> 3]));
   }
 }
 
@@ -103,18 +105,18 @@ void expand(const float* compact, const uint8_t* bits, const int64_t* window_fir
   static const ExpandTable table;
   const int64_t head_end = hi < ((lo + 7) & ~int64_t(7)) ? hi : ((lo + 7) & ~int64_t(7));
   compact = expand_scalar(compact, bits, lo, head_end, out, lo);
-  const float* base = compact - window_first[head_end >> 3];
   float* dst = out + (head_end - lo);
   const int64_t tail = head_end + (hi - head_end) / 8 * 8;
   // Streaming stores need 32-byte alignment; a row that starts misaligned is
   // misaligned in every window.
   if (stream && (reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
-    expand_windows<true>(table, base, bits, window_first, head_end, tail, dst);
+    expand_windows<true>(table, compact, bits, window_first, head_end, tail, dst);
     _mm_sfence();  // order the streamed stores before anyone reads them
   } else {
-    expand_windows<false>(table, base, bits, window_first, head_end, tail, dst);
+    expand_windows<false>(table, compact, bits, window_first, head_end, tail, dst);
   }
-  expand_scalar(base + window_first[tail >> 3], bits, tail, hi, out, lo);
+  compact += window_first[tail >> 3] - window_first[head_end >> 3];
+  expand_scalar(compact, bits, tail, hi, out, lo);
 }
 
 }  // namespace avx2

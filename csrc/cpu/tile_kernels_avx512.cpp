@@ -46,12 +46,13 @@ void expand(const float* compact, const uint8_t* bits, const int64_t* window_fir
   const int64_t aligned = (lo + 15) & ~int64_t(15);
   const int64_t head_end = hi < aligned ? hi : aligned;
   compact = expand_scalar(compact, bits, lo, head_end, out, lo);
-  // Values of the window at 8w start at base + window_first[w].
-  const float* base = compact - window_first[head_end >> 3];
+  // The values of the window at 8w start window_first[w] - before past `compact`.
+  const int64_t before = window_first[head_end >> 3];
   int64_t p = head_end;
   for (; p + 16 <= hi; p += 16) {
     const unsigned m = static_cast<unsigned>(bits[p >> 3]) | (static_cast<unsigned>(bits[(p >> 3) + 1]) << 8);
-    const __m512 v = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m), base + window_first[p >> 3]);
+    const float* values = compact + (window_first[p >> 3] - before);
+    const __m512 v = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m), values);
     float* dst = out + (p - lo);
     if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
       _mm512_stream_ps(dst, v);
@@ -59,7 +60,7 @@ void expand(const float* compact, const uint8_t* bits, const int64_t* window_fir
       _mm512_storeu_ps(dst, v);
     }
   }
-  expand_scalar(base + window_first[p >> 3], bits, p, hi, out, lo);
+  expand_scalar(compact + (window_first[p >> 3] - before), bits, p, hi, out, lo);
   if (stream) _mm_sfence();  // order the streamed stores before anyone reads them
 }
 
