@@ -16,6 +16,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from .cpu import _C as _extension  # None where the extension is not built
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 _INT64 = torch.int64
@@ -78,9 +80,7 @@ def check_index(idx: object, name: str, size: int, device: torch.device) -> Tens
             raise IndexError(f"{name} holds indices in [{low}, {high}], outside [0, {size - 1}]")
         if not increasing:
             raise ValueError(f"{name} must be strictly increasing (sorted, no duplicates)")
-    if dtype is _INT64 and idx.is_contiguous():
-        return idx
-    return idx.to(torch.int64).contiguous()
+    return _unchecked_index(idx)
 
 
 def _index_range_and_order(idx: Tensor) -> tuple[int, int, bool]:
@@ -96,16 +96,8 @@ def _index_range_and_order(idx: Tensor) -> tuple[int, int, bool]:
     return _range_and_order_on_device(idx)
 
 
-def _compiled_index_bounds():
-    """The extension's reader of index lists, or None where the extension is not built."""
-    try:
-        from ._C import index_bounds
-    except ImportError:
-        return None
-    return index_bounds
-
-
-_index_bounds = _compiled_index_bounds()
+# The extension's reader of index lists; None where the extension is not built.
+_index_bounds = getattr(_extension, "index_bounds", None)
 
 
 def _range_and_order_on_host(idx: Tensor) -> tuple[int, int, bool]:
