@@ -74,15 +74,15 @@ def backend_notes(device: torch.device, backends: list[str], op: str) -> list[st
     """Which spa_kernels backends the suite times, and a red line when the fused cpu one is missing."""
     notes = []
     if device.type == "cpu" and "cpu" not in backends:
-        if not spa_kernels.cpu.BUILT:
-            reason = f"the cpu backend is NOT BUILT ({spa_kernels.cpu.BUILD_ERROR}); run `make build`"
+        if not spa_kernels.backend.cpu.BUILT:
+            reason = f"the cpu backend is NOT BUILT ({spa_kernels.backend.cpu.BUILD_ERROR}); run `make build`"
         else:
             reason = f"the cpu backend does not implement {op} (rebuild with `make build`?)"
         notes.append(f"WARNING: {reason}; no fused kernel is timed for {op}.")
     for name in backends:
         description = BACKEND_DESCRIPTIONS.get(name, name)
         if name == "cpu":
-            description += f", ISA {spa_kernels.cpu.isa()}"
+            description += f", ISA {spa_kernels.backend.cpu.isa()}"
         notes.append(f"{op}: {spa_kernels_name(name)}: {description}.")
     if backends:
         notes.append(f"{op}: spa (in ratios) = {spa_kernels_name(backends[0])}.")

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 import spa_kernels
 from spa_kernels.pruning._layers import spa_layers
-from spa_kernels.pruning.package import _byte_planes, load_task, save_task, task_size
+from spa_kernels.pruning.package import load_task, save_task, task_size
+from spa_kernels.pruning.package_format import byte_planes
 
 from . import Progress, RunConfig
 from .anchors import ContenderMismatch, tolerance
@@ -156,7 +157,7 @@ def fine_pruned_deflated_bytes(model: nn.Module) -> int:
             if layer.bias is not None:
                 blocks.append(layer.bias.index_select(0, out_idx))
         raw = torch.cat(blocks).cpu().numpy().tobytes()
-    return len(zlib.compress(_byte_planes(raw), 9))
+    return len(zlib.compress(byte_planes(raw), 9))
 
 
 def formula_values(model: nn.Module) -> int:

@@ -59,11 +59,10 @@ from spa_kernels.pruning.adaptive import (
     Decision,
     Measurement,
     adaptive_prune,
-    prune_at_threshold,
-    spa_layer_costs,
 )
 from spa_kernels.pruning.criteria import ActivationCriterion, Scores
 from spa_kernels.pruning.groups import ChannelGroup, channel_groups
+from spa_kernels.pruning.thresholds import prune_at_threshold, spa_layer_costs
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 LEARNING_RATE, SETTLE_RATE = 3e-3, 1e-3

@@ -2,10 +2,20 @@
 
 Masked channels cost nothing: every op computes the base layer and its adapter
 over the active channels only, on the backend that is fastest for the device.
+
+Layers, each a folder: ``functional`` (public functions) -> ``ops`` (the
+``torch.ops.spa_kernels`` schemas, fake kernels, autograd) -> ``backend``
+(the policy, and one package per backend).  Importing a backend package
+registers it; the ones below are imported here.
 """
 
-from . import _backend, cpu, reference
-from ._backend import backends, use_backend
+# Importing a backend package registers it with the policy in ``backend``.
+from . import nn, ops, pruning  # noqa: F401  (ops: importing it registers torch.ops.spa_kernels.*)
+from .backend import backends, use_backend
+from .backend import cpu as _cpu_backend  # noqa: F401  (registers itself when the extension is built)
+from .backend import reference as _reference_backend  # noqa: F401  (registers itself)
+from .backend import triton as _triton_backend  # noqa: F401  (registers itself when Triton is usable)
+from .convert import convert
 from .functional import (
     splora_conv1d,
     splora_conv2d,
@@ -15,20 +25,6 @@ from .functional import (
     sppara_conv2d,
     sppara_conv3d,
 )
-
-_backend.register_backend(reference)
-if cpu.BUILT:
-    _backend.register_backend(cpu)
-
-try:
-    from . import triton as _triton_backend
-except ImportError:  # Triton is optional
-    _triton_backend = None
-if _triton_backend is not None and getattr(_triton_backend, "IMPORTED", False):
-    _backend.register_backend(_triton_backend)
-
-from . import nn, pruning  # noqa: E402  (modules use the functional layer above; pruning, the modules)
-from .convert import convert  # noqa: E402
 
 __version__ = "0.1.0"
 

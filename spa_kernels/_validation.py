@@ -1,4 +1,4 @@
-"""Argument checks shared by every public entry point (DESIGN.md section 5).
+"""Argument checks shared by every public entry point.
 
 Everything here runs before any kernel, so a bad call fails with a message that
 names the argument instead of crashing or reading out of bounds.
@@ -16,8 +16,11 @@ import numbers
 import torch
 from torch import Tensor
 
-from .cpu import _C as _extension  # None where the extension is not built
+from . import _extension
+from ._geometry import conv_output_size, conv_output_spatial
 
+# The floating dtypes any entry point accepts; each backend declares the subset it
+# runs in its Capabilities, and auto selection falls back to the reference for the rest.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 _INT64 = torch.int64
@@ -96,13 +99,9 @@ def _index_range_and_order(idx: Tensor) -> tuple[int, int, bool]:
     return _range_and_order_on_device(idx)
 
 
-# The extension's reader of index lists; None where the extension is not built.
-_index_bounds = getattr(_extension, "index_bounds", None)
-
-
 def _range_and_order_on_host(idx: Tensor) -> tuple[int, int, bool]:
-    if _index_bounds is not None:
-        return _index_bounds(idx)
+    if _extension.index_bounds is not None:
+        return _extension.index_bounds(idx)
     return _range_and_order_with_numpy(idx)
 
 
@@ -212,11 +211,6 @@ def check_groups(groups: object) -> int:
     return int(groups)
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """Length of one spatial output dimension, as ``torch.nn.Conv*d`` computes it."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def check_conv_geometry(
     stride: object, padding: object, dilation: object, kernel: tuple[int, ...]
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -298,15 +292,12 @@ def _check_conv_tensors(d: int | None, x: object, weight: object, bias: object, 
 def _check_output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> None:
     x_shape, kernel = x.shape, weight.shape
     for i in range(len(stride)):
-        if (x_shape[i + 2] + 2 * padding[i] - dilation[i] * (kernel[i + 2] - 1) - 1) // stride[i] < 0:
+        if conv_output_size(x_shape[i + 2], kernel[i + 2], stride[i], padding[i], dilation[i]) < 1:
             break
     else:
         return
     kernel = tuple(weight.shape[2:])
-    sizes = tuple(
-        conv_output_size(size, k, st, pad, dil)
-        for size, k, st, pad, dil in zip(x.shape[2:], kernel, stride, padding, dilation, strict=True)
-    )
+    sizes = tuple(conv_output_spatial(x, weight, stride, padding, dilation))
     if min(sizes) < 1:
         raise ValueError(
             f"x of spatial size {tuple(x.shape[2:])} is too small for kernel {kernel} with padding={padding}, "

@@ -17,6 +17,7 @@
 #include <array>
 #include <tuple>
 
+#include "conv_geometry.h"
 #include "conv_operands.h"
 #include "isa.h"
 #include "masked_gemm.h"
@@ -73,7 +74,7 @@ ConvShapes check_conv(const at::Tensor& x, const at::Tensor& weight, const std::
     s.dil[j] = dilation[i];
     TORCH_CHECK_VALUE(s.k[j] % 2 == 1, "kernel sizes must be odd, got ", weight.sizes());
     TORCH_CHECK_VALUE(s.stride[j] >= 1 && s.dil[j] >= 1 && s.pad[j] >= 0, "invalid stride/padding/dilation");
-    s.out[j] = (s.in[j] + 2 * s.pad[j] - s.dil[j] * (s.k[j] - 1) - 1) / s.stride[j] + 1;
+    s.out[j] = conv_output_size(s.in[j], s.k[j], s.stride[j], s.pad[j], s.dil[j]);
     TORCH_CHECK_VALUE(s.out[j] >= 1, "input is too small for the kernel");
   }
   s.taps = s.k[0] * s.k[1] * s.k[2];
@@ -155,8 +156,8 @@ PatchTaps input_taps(const ConvShapes& s, const std::vector<int64_t>& index, con
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& lora_a,
                         const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& adapter,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_idx,
-                        const std::optional<at::Tensor>& out_idx, double scale, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef dilation) {
+                        const std::optional<at::Tensor>& out_idx, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, double scale) {
   const ConvShapes s = check_conv(x, weight, lora_a, lora_b, adapter, in_idx, out_idx, stride, padding, dilation);
   if (present(bias)) {
     check_tensor(*bias, "bias", x, 1);
@@ -221,8 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
     const std::optional<at::Tensor>& adapter, const std::optional<at::Tensor>& in_idx,
-    const std::optional<at::Tensor>& out_idx, double scale, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, std::array<bool, 6> output_mask) {
+    const std::optional<at::Tensor>& out_idx, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, double scale, std::array<bool, 6> output_mask) {
   const ConvShapes s = check_conv(x, weight, lora_a, lora_b, adapter, in_idx, out_idx, stride, padding, dilation);
   TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(0) == s.N && grad_out.size(1) == s.C_out &&
                         grad_out.numel() == s.N * s.C_out * s.out_plane() && grad_out.is_contiguous() &&
@@ -402,10 +403,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_FRAGMENT(spa_kernels_cpu, m) {
   m.def(
       "conv_forward(Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? adapter, Tensor? bias, "
-      "Tensor? in_idx, Tensor? out_idx, float scale, int[] stride, int[] padding, int[] dilation) -> Tensor");
+      "Tensor? in_idx, Tensor? out_idx, int[] stride, int[] padding, int[] dilation, float scale) -> Tensor");
   m.def(
       "conv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? adapter, "
-      "Tensor? in_idx, Tensor? out_idx, float scale, int[] stride, int[] padding, int[] dilation, "
+      "Tensor? in_idx, Tensor? out_idx, int[] stride, int[] padding, int[] dilation, float scale, "
       "bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

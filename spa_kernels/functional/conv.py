@@ -1,13 +1,13 @@
 """Functional convolutions: validate, choose a backend, call the op.
 
-``splora_conv{1,2,3}d`` and ``sppara_conv{1,2,3}d`` (re-exported by
-``spa_kernels.functional``).  Padding ``"same"``/``"valid"`` is resolved here to
+``splora_conv{1,2,3}d`` and ``sppara_conv{1,2,3}d``, and their ``*_trusted``
+forms for modules.  Padding ``"same"``/``"valid"`` is resolved here to
 explicit symmetric padding, so the ops and backends only ever see tuples of ints.
 
-Grouped and depthwise convolutions (``groups > 1``) run on the reference
-backend only: with ``backend=None``/``"auto"`` they go there with a one-time
-warning, and a fused backend asked for by name (argument, ``use_backend`` or
-``SPA_KERNELS_BACKEND``) raises a ``ValueError``.
+Grouped and depthwise convolutions (``groups > 1``) run only on backends whose
+capabilities include them (the reference): with ``backend=None``/``"auto"``
+they go there with a one-time warning, and any other backend asked for by name
+(argument, ``use_backend`` or ``SPA_KERNELS_BACKEND``) raises a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import _backend, _ops
-from ._validation import check_splora_conv_args, check_sppara_conv_args
+from .. import ops
+from .._validation import check_splora_conv_args, check_sppara_conv_args
+from ..backend import requested, resolve
 
 IntOrTuple = int | tuple[int, ...]
 
@@ -38,17 +39,10 @@ def _warn_grouped_once(groups: int) -> None:
 
 
 def _conv_backend(backend: str | None, x: Tensor, groups: int, op: str) -> str:
-    if groups == 1:
-        return _backend.resolve(backend, x.device, x.dtype, op=op).name
-    requested = _backend._requested(backend)
-    if requested not in ("auto", "reference"):
-        raise ValueError(
-            f"groups={groups}: grouped and depthwise convolutions run on the reference backend only, "
-            f"but backend={requested!r} was asked for; use backend=None or 'reference', or groups=1"
-        )
-    if requested == "auto":
+    impl = resolve(backend, x.device, x.dtype, op, groups)
+    if groups != 1 and requested(backend) == "auto":
         _warn_grouped_once(groups)
-    return "reference"
+    return impl.name
 
 
 def _splora_conv(d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale,
@@ -58,7 +52,7 @@ def _splora_conv(d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, pa
         trusted=trusted,
     )
     name = _conv_backend(backend, x, groups, "splora_conv")
-    return _ops.splora_conv(x, weight, lora_a, lora_b, bias, in_idx, out_idx, list(stride), list(padding),
+    return ops.splora_conv(x, weight, lora_a, lora_b, bias, in_idx, out_idx, list(stride), list(padding),
                             list(dilation), groups, scale, name)
 
 
@@ -69,7 +63,7 @@ def _sppara_conv(d, x, weight, adapter, bias, in_idx, out_idx, stride, padding, 
         trusted=trusted,
     )
     name = _conv_backend(backend, x, groups, "sppara_conv")
-    return _ops.sppara_conv(x, weight, adapter, bias, in_idx, out_idx, list(stride), list(padding),
+    return ops.sppara_conv(x, weight, adapter, bias, in_idx, out_idx, list(stride), list(padding),
                             list(dilation), groups, name)
 
 
@@ -266,7 +260,7 @@ for _d, (_spatial, _kernel) in _SHAPES.items():
 # --------------------------------------------------------------------------- for modules
 
 
-def _splora_conv_trusted(
+def splora_conv_trusted(
     x: Tensor,
     weight: Tensor,
     lora_a: Tensor | None = None,
@@ -292,7 +286,7 @@ def _splora_conv_trusted(
                         scale, backend, trusted=True)
 
 
-def _sppara_conv_trusted(
+def sppara_conv_trusted(
     x: Tensor,
     weight: Tensor,
     adapter: Tensor,
@@ -306,9 +300,18 @@ def _sppara_conv_trusted(
     groups: int = 1,
     backend: str | None = None,
 ) -> Tensor:
-    """``sppara_conv{1,2,3}d`` for modules; see :func:`_splora_conv_trusted`."""
+    """``sppara_conv{1,2,3}d`` for modules; see :func:`splora_conv_trusted`."""
     return _sppara_conv(None, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend,
                         trusted=True)
 
 
-__all__ = ["splora_conv1d", "splora_conv2d", "splora_conv3d", "sppara_conv1d", "sppara_conv2d", "sppara_conv3d"]
+__all__ = [
+    "splora_conv1d",
+    "splora_conv2d",
+    "splora_conv3d",
+    "splora_conv_trusted",
+    "sppara_conv1d",
+    "sppara_conv2d",
+    "sppara_conv3d",
+    "sppara_conv_trusted",
+]

@@ -1,11 +1,12 @@
-"""Functional entry points: validate, choose a backend, call the op."""
+"""Functional SPLoRA linear: validate, choose a backend, call the op."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from . import _backend, _ops
-from ._validation import check_splora_linear_args
+from .. import ops
+from .._validation import check_splora_linear_args
+from ..backend import resolve
 
 
 def splora_linear(
@@ -46,11 +47,11 @@ def splora_linear(
     in_idx, out_idx, scale = check_splora_linear_args(
         x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale
     )
-    impl = _backend.resolve(backend, x.device, x.dtype)
-    return _ops.splora_linear(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, impl.name)
+    impl = resolve(backend, x.device, x.dtype, "splora_linear")
+    return ops.splora_linear(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, impl.name)
 
 
-def _splora_linear_trusted(
+def splora_linear_trusted(
     x: Tensor,
     weight: Tensor,
     lora_a: Tensor | None,
@@ -70,28 +71,8 @@ def _splora_linear_trusted(
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects {weight.shape[1]}")
     if x.dtype != weight.dtype:
         raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}")
-    impl = _backend.resolve(backend, x.device, x.dtype)
-    return _ops.splora_linear(x, weight, lora_a, lora_b, bias, in_idx, out_idx, float(scale), impl.name)
+    impl = resolve(backend, x.device, x.dtype, "splora_linear")
+    return ops.splora_linear(x, weight, lora_a, lora_b, bias, in_idx, out_idx, float(scale), impl.name)
 
 
-# The convolutions live in their own file; they are part of this namespace.
-from .functional_conv import (  # noqa: E402
-    _splora_conv_trusted,  # noqa: F401  (for modules)
-    _sppara_conv_trusted,  # noqa: F401
-    splora_conv1d,
-    splora_conv2d,
-    splora_conv3d,
-    sppara_conv1d,
-    sppara_conv2d,
-    sppara_conv3d,
-)
-
-__all__ = [
-    "splora_conv1d",
-    "splora_conv2d",
-    "splora_conv3d",
-    "splora_linear",
-    "sppara_conv1d",
-    "sppara_conv2d",
-    "sppara_conv3d",
-]
+__all__ = ["splora_linear", "splora_linear_trusted"]

@@ -4,7 +4,7 @@ Parameter names and state-dict keys follow ``sp_adapters`` 0.7.1, so checkpoints
 move between the two libraries; the forward pass runs the fused masked kernels.
 """
 
-from ._masks import ChannelMasked
+from .channel_masked import ChannelMasked
 from .linear import SPLoRALinear
 from .splora_conv import SPLoRAConv1d, SPLoRAConv2d, SPLoRAConv3d
 from .sppara_conv import SPPaRAConv1d, SPPaRAConv2d, SPPaRAConv3d

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 
-from .. import _backend
-from ._masks import ChannelMasked
+from ..backend import check_name
+from .channel_masked import ChannelMasked
 
 DEFAULT_INIT_RANGE = 1e-4
 
@@ -107,7 +107,7 @@ class AdaptedConvNd(ChannelMasked):
                 f"got kernel_size={self.kernel_size}"
             )
         self.weight.requires_grad_(False)
-        self.backend = None if backend is None else _backend._check_name(backend)
+        self.backend = None if backend is None else check_name(backend)
         if self.groups != 1 and self.backend not in (None, "auto", "reference"):
             raise ValueError(f"backend={self.backend!r} cannot run groups={self.groups}: grouped and depthwise "
                              "convolutions run on the reference backend only (use backend=None)")

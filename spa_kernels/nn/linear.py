@@ -8,11 +8,11 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .. import _backend
 from .._validation import check_rank, check_scale
-from ..functional import _splora_linear_trusted
-from ._adapter import LowRankAdapter
-from ._masks import ChannelMasked
+from ..backend import check_name
+from ..functional import splora_linear_trusted
+from .adapter import LowRankAdapter
+from .channel_masked import ChannelMasked
 
 DEFAULT_RANK = 16
 DEFAULT_INIT_RANGE = 1e-4
@@ -26,7 +26,7 @@ def _is_sp_adapters_splora_linear(module: nn.Module) -> bool:
 
 
 def _check_backend(backend: str | None) -> str | None:
-    return None if backend is None else _backend._check_name(backend)
+    return None if backend is None else check_name(backend)
 
 
 def _plain_linear(weight: Tensor, bias: Tensor | None, training: bool) -> nn.Linear:
@@ -119,7 +119,7 @@ class SPLoRALinear(ChannelMasked, nn.Linear):
         nn.Linear.reset_parameters(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        return _splora_linear_trusted(
+        return splora_linear_trusted(
             input, self.weight, self.adapter.rows[0], self.adapter.cols[0], self.bias,
             self.in_idx, self.out_idx, self.scale, self.backend,
         )

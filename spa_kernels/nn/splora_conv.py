@@ -7,8 +7,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from .. import functional
 from .._validation import check_rank, check_scale
-from ._adapter import LowRankAdapter
-from .conv import DEFAULT_INIT_RANGE, AdaptedConvNd
+from .adapted_conv import DEFAULT_INIT_RANGE, AdaptedConvNd
+from .adapter import LowRankAdapter
 
 DEFAULT_RANK = 16
 
@@ -104,7 +104,7 @@ class _SPLoRAConvNd(AdaptedConvNd):
 
     def forward(self, input: Tensor) -> Tensor:
         x, unbatched = self._prepare_input(input)
-        y = functional._splora_conv_trusted(
+        y = functional.splora_conv_trusted(
             x, self.weight, self.adapter.rows[0], self.adapter.cols[0], self.bias,
             self.in_idx, self.out_idx, scale=self.scale, **self._conv_args(),
         )

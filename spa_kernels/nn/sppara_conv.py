@@ -7,8 +7,8 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from .. import functional
-from ._adapter import check_init_range
-from .conv import DEFAULT_INIT_RANGE, AdaptedConvNd
+from .adapted_conv import DEFAULT_INIT_RANGE, AdaptedConvNd
+from .adapter import check_init_range
 
 
 class _SPPaRAConvNd(AdaptedConvNd):
@@ -93,7 +93,7 @@ class _SPPaRAConvNd(AdaptedConvNd):
 
     def forward(self, input: Tensor) -> Tensor:
         x, unbatched = self._prepare_input(input)
-        y = functional._sppara_conv_trusted(
+        y = functional.sppara_conv_trusted(
             x, self.weight, self.adapter, self.bias, self.in_idx, self.out_idx, **self._conv_args(),
         )
         return y.squeeze(0) if unbatched else y

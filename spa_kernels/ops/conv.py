@@ -1,16 +1,15 @@
-"""The convolution ops: schema, fake kernel and autograd of SPLoRA and SPPaRA convs.
+"""The convolution op family: schema, fake kernel and autograd of SPLoRA and SPPaRA convs.
 
-Kept beside ``_ops.py`` (which imports this module) so that each file holds one
-family of ops.  The ops take an already-resolved backend name and already
+The ops take an already-resolved backend name and already
 normalised geometry: ``stride``, ``padding`` (explicit, symmetric) and
 ``dilation`` as lists of d ints, d = x.dim() - 2 in {1, 2, 3}.  Each op makes
 its tensors contiguous and calls the backend with geometry as tuples of Python
 ints::
 
-    splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale,
-                        stride, padding, dilation, groups) -> y
-    splora_conv_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale,
-                         stride, padding, dilation, groups, output_mask)
+    splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx,
+                        stride, padding, dilation, groups, scale) -> y
+    splora_conv_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx,
+                         stride, padding, dilation, groups, scale, output_mask)
         -> (dx, dweight, dlora_a, dlora_b, dbias), None where not asked for
     sppara_conv_forward(x, weight, adapter, bias, in_idx, out_idx,
                         stride, padding, dilation, groups) -> y
@@ -18,21 +17,33 @@ ints::
                          stride, padding, dilation, groups, output_mask)
         -> (dx, dweight, dadapter, dbias)
 
-Only the reference backend runs ``groups != 1``; the ops refuse it elsewhere.
+The arguments come in one order everywhere (op, backends, C++): tensors, then
+geometry, then ``scale``, then ``backend`` and ``output_mask``.  Only backends
+whose capabilities include grouped convolutions run ``groups != 1``; the ops
+refuse it elsewhere.
+
 The backward ops return empty placeholders for gradients not asked for, because
 op schemas cannot return ``None``.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from . import _backend
-from ._dispatch import define_op, refuse_derivative, register_autograd, register_fake
-from ._validation import conv_output_size
-
-GROUPED_BACKENDS = ("reference",)
+from .._geometry import conv_output_shape
+from ..backend import check_groups, kernel
+from .library import (
+    contiguous,
+    define_op,
+    fake_gradients,
+    gradient_shapes,
+    refuse_derivative,
+    register_autograd,
+    register_fake,
+    wanted,
+    with_placeholders,
+    zero_gradients,
+)
 
 # Explicit schemas: geometry is int[] (not SymInt[]), since it is fixed per layer.
 _GEOMETRY = "int[] stride, int[] padding, int[] dilation, int groups"
@@ -55,30 +66,8 @@ SPPARA_CONV_BACKWARD_SCHEMA = (
 )
 
 
-def conv_output_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> list:
-    """``(N, C_out, *spatial_out)``; works on symbolic sizes, so fake kernels use it too."""
-    spatial = [
-        conv_output_size(size, k, st, pad, dil)
-        for size, k, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True)
-    ]
-    return [x.shape[0], weight.shape[0], *spatial]
-
-
 def _geometry(stride, padding, dilation) -> tuple[tuple[int, ...], ...]:
     return tuple(int(v) for v in stride), tuple(int(v) for v in padding), tuple(int(v) for v in dilation)
-
-
-def _check_groups_backend(groups: int, backend: str) -> None:
-    if groups != 1 and backend not in GROUPED_BACKENDS:
-        raise ValueError(f"groups={groups}: grouped convolutions run on {GROUPED_BACKENDS} only, not {backend!r}")
-
-
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
-
-
-def _grads_or_placeholders(grads, x: Tensor) -> tuple[Tensor, ...]:
-    return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
 # --------------------------------------------------------------------------- SPLoRA
@@ -100,12 +89,12 @@ def splora_conv(
     scale: float,
     backend: str,
 ) -> Tensor:
-    _check_groups_backend(groups, backend)
+    check_groups(backend, groups)
     if x.shape[0] == 0:
         return x.new_zeros(conv_output_shape(x, weight, stride, padding, dilation))
-    return _backend.get(backend).splora_conv_forward(
-        x.contiguous(), weight.contiguous(), _contiguous(lora_a), _contiguous(lora_b), _contiguous(bias),
-        in_idx, out_idx, scale, *_geometry(stride, padding, dilation), groups,
+    return kernel(backend, "splora_conv_forward")(
+        x.contiguous(), weight.contiguous(), contiguous(lora_a), contiguous(lora_b), contiguous(bias),
+        in_idx, out_idx, *_geometry(stride, padding, dilation), groups, scale,
     )
 
 
@@ -131,41 +120,24 @@ def splora_conv_backward(
     backend: str,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _check_groups_backend(groups, backend)
+    check_groups(backend, groups)
     mask = tuple(bool(m) for m in output_mask)
     if lora_a is None:
         mask = (mask[0], mask[1], False, False, mask[4])
     if x.shape[0] == 0:
-        grads = (
-            torch.zeros_like(x) if mask[0] else None,
-            torch.zeros_like(weight) if mask[1] else None,
-            torch.zeros_like(lora_a) if mask[2] else None,
-            torch.zeros_like(lora_b) if mask[3] else None,
-            weight.new_zeros(weight.shape[0]) if mask[4] else None,
-        )
+        grads = zero_gradients(mask, gradient_shapes(x, weight, lora_a, lora_b, out_channels=weight.shape[0]), x)
     else:
-        grads = _backend.get(backend).splora_conv_backward(
-            grad_out.contiguous(), x.contiguous(), weight.contiguous(), _contiguous(lora_a), _contiguous(lora_b),
-            in_idx, out_idx, scale, *_geometry(stride, padding, dilation), groups, mask,
+        grads = kernel(backend, "splora_conv_backward")(
+            grad_out.contiguous(), x.contiguous(), weight.contiguous(), contiguous(lora_a), contiguous(lora_b),
+            in_idx, out_idx, *_geometry(stride, padding, dilation), groups, scale, mask,
         )
-    return _grads_or_placeholders(grads, x)
+    return with_placeholders(grads, x)
 
 
 @register_fake(splora_conv_backward)
 def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, stride, padding, dilation, groups, scale, backend,
       output_mask):
-    has_lora = lora_a is not None
-    shapes = (
-        x.shape,
-        weight.shape,
-        lora_a.shape if has_lora else None,
-        lora_b.shape if has_lora else None,
-        weight.shape[:1],
-    )
-    return tuple(
-        x.new_empty(shape) if want and shape is not None else x.new_empty(0)
-        for want, shape in zip(output_mask, shapes, strict=True)
-    )
+    return fake_gradients(output_mask, gradient_shapes(x, weight, lora_a, lora_b, out_channels=weight.shape[0]), x)
 
 
 refuse_derivative(splora_conv_backward)
@@ -187,8 +159,7 @@ def _splora_backward(ctx, grad_out):
     grads = splora_conv_backward(
         grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, *ctx.geometry, ctx.scale, ctx.backend, output_mask
     )
-    grads = [g if want else None for g, want in zip(grads, output_mask, strict=True)]
-    return (*grads, None, None, None, None, None, None, None, None)
+    return (*wanted(grads, output_mask), None, None, None, None, None, None, None, None)
 
 
 register_autograd(splora_conv, _splora_backward, setup_context=_setup_splora_context)
@@ -211,11 +182,11 @@ def sppara_conv(
     groups: int,
     backend: str,
 ) -> Tensor:
-    _check_groups_backend(groups, backend)
+    check_groups(backend, groups)
     if x.shape[0] == 0:
         return x.new_zeros(conv_output_shape(x, weight, stride, padding, dilation))
-    return _backend.get(backend).sppara_conv_forward(
-        x.contiguous(), weight.contiguous(), adapter.contiguous(), _contiguous(bias),
+    return kernel(backend, "sppara_conv_forward")(
+        x.contiguous(), weight.contiguous(), adapter.contiguous(), contiguous(bias),
         in_idx, out_idx, *_geometry(stride, padding, dilation), groups,
     )
 
@@ -240,29 +211,21 @@ def sppara_conv_backward(
     backend: str,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_groups_backend(groups, backend)
+    check_groups(backend, groups)
     mask = tuple(bool(m) for m in output_mask)
     if x.shape[0] == 0:
-        grads = (
-            torch.zeros_like(x) if mask[0] else None,
-            torch.zeros_like(weight) if mask[1] else None,
-            torch.zeros_like(adapter) if mask[2] else None,
-            weight.new_zeros(weight.shape[0]) if mask[3] else None,
-        )
+        grads = zero_gradients(mask, gradient_shapes(x, weight, adapter, out_channels=weight.shape[0]), x)
     else:
-        grads = _backend.get(backend).sppara_conv_backward(
+        grads = kernel(backend, "sppara_conv_backward")(
             grad_out.contiguous(), x.contiguous(), weight.contiguous(), adapter.contiguous(),
             in_idx, out_idx, *_geometry(stride, padding, dilation), groups, mask,
         )
-    return _grads_or_placeholders(grads, x)
+    return with_placeholders(grads, x)
 
 
 @register_fake(sppara_conv_backward)
 def _(grad_out, x, weight, adapter, in_idx, out_idx, stride, padding, dilation, groups, backend, output_mask):
-    shapes = (x.shape, weight.shape, adapter.shape, weight.shape[:1])
-    return tuple(
-        x.new_empty(shape) if want else x.new_empty(0) for want, shape in zip(output_mask, shapes, strict=True)
-    )
+    return fake_gradients(output_mask, gradient_shapes(x, weight, adapter, out_channels=weight.shape[0]), x)
 
 
 refuse_derivative(sppara_conv_backward)
@@ -283,8 +246,10 @@ def _sppara_backward(ctx, grad_out):
     grads = sppara_conv_backward(
         grad_out, x, weight, adapter, in_idx, out_idx, *ctx.geometry, ctx.backend, output_mask
     )
-    grads = [g if want else None for g, want in zip(grads, output_mask, strict=True)]
-    return (*grads, None, None, None, None, None, None, None)
+    return (*wanted(grads, output_mask), None, None, None, None, None, None, None)
 
 
 register_autograd(sppara_conv, _sppara_backward, setup_context=_setup_sppara_context)
+
+
+__all__ = ["splora_conv", "splora_conv_backward", "sppara_conv", "sppara_conv_backward"]

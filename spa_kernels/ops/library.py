@@ -1,4 +1,12 @@
-"""Registering the ops with the dispatcher, through torch.library's public API.
+"""The ``spa_kernels`` op library, and what every op family shares.
+
+Each op family has one file beside this one (``linear.py``, ``conv.py``) with
+its schemas, fake kernels and autograd; this file holds the ``Library`` they
+register on and the helpers they share: contiguity, the placeholders for
+gradients not asked for, the fake kernel and zero-batch gradients of a backward
+op.
+
+Registering goes through torch.library's public API.
 
 ``torch.library.custom_op`` would do all of this from one decorator, but it
 wraps every call of the implementation in further Python layers (its own
@@ -13,9 +21,10 @@ for tracing, the autograd formula) without the layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
 
 NAMESPACE = "spa_kernels"
 
@@ -63,3 +72,54 @@ def refuse_derivative(op: torch._ops.OpOverload) -> None:
         raise RuntimeError(f"{op.name()} has no derivative: double backward through spa_kernels ops is not supported")
 
     register_autograd(op, backward, setup_context=setup_context)
+
+
+# --------------------------------------------------------------------------- shared by the op families
+
+
+def contiguous(t: Tensor | None) -> Tensor | None:
+    """``t`` made contiguous (``None`` stays ``None``): backends never see strides."""
+    return None if t is None else t.contiguous()
+
+
+def own_storage(y: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``y`` (contiguous) reshaped to ``shape`` as a tensor of its own, not a view.
+
+    An op's output must not be a view: autograd forbids in-place changes to views
+    made inside a custom function (``nn.ReLU(inplace=True)`` after the layer would
+    fail).  Pointing a fresh tensor at ``y``'s storage reshapes without a copy.
+    """
+    if y.shape == shape and not y._is_view():
+        return y
+    return y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), shape, torch.empty(shape, device="meta").stride())
+
+
+def gradient_shapes(*operands: Tensor | None, out_channels) -> tuple:
+    """Shapes of the gradients of ``operands`` and then of the bias ``(out_channels,)``; None for a missing operand."""
+    return (*(None if t is None else t.shape for t in operands), (out_channels,))
+
+
+def zero_gradients(output_mask: Sequence[bool], shapes: Sequence, like: Tensor) -> tuple[Tensor | None, ...]:
+    """Gradients of a zero-size batch: zeros where asked for and the operand exists, else ``None``."""
+    return tuple(
+        like.new_zeros(shape) if want and shape is not None else None
+        for want, shape in zip(output_mask, shapes, strict=True)
+    )
+
+
+def fake_gradients(output_mask: Sequence[bool], shapes: Sequence, like: Tensor) -> tuple[Tensor, ...]:
+    """The fake kernel of a backward op: the gradients' shapes, placeholders where not asked for."""
+    return tuple(
+        like.new_empty(shape) if want and shape is not None else like.new_empty(0)
+        for want, shape in zip(output_mask, shapes, strict=True)
+    )
+
+
+def with_placeholders(grads: Sequence[Tensor | None], like: Tensor) -> tuple[Tensor, ...]:
+    """``grads`` with every ``None`` (not asked for) replaced by an empty tensor: schemas cannot return ``None``."""
+    return tuple(like.new_empty(0) if g is None else g for g in grads)
+
+
+def wanted(grads: Sequence[Tensor], output_mask: Sequence[bool]) -> list[Tensor | None]:
+    """The placeholders of a backward op turned back into ``None`` for autograd."""
+    return [g if want else None for g, want in zip(grads, output_mask, strict=True)]

@@ -1,7 +1,4 @@
-"""Every op of spa_kernels: schema, fake kernel and autograd.
-
-The linear ops are here; the convolution ops (``splora_conv``, ``sppara_conv``
-and their backward ops) are in ``_ops_conv.py``, imported at the bottom.
+"""The linear op family: schema, fake kernel and autograd of ``splora_linear``.
 
 The ops take an already-resolved backend name; the functional layer validates
 the arguments and picks the backend.  Each op flattens leading dimensions and
@@ -14,20 +11,22 @@ placeholder, because op schemas cannot return ``None``.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from . import _backend
-from ._dispatch import define_op, refuse_derivative, register_autograd, register_fake
-
-
-def _empty_like_missing(t: Tensor | None, ref: Tensor) -> Tensor:
-    return t if t is not None else ref.new_empty(0)
-
-
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
-
+from ..backend import kernel
+from .library import (
+    contiguous,
+    define_op,
+    fake_gradients,
+    gradient_shapes,
+    own_storage,
+    refuse_derivative,
+    register_autograd,
+    register_fake,
+    wanted,
+    with_placeholders,
+    zero_gradients,
+)
 
 # --------------------------------------------------------------------------- forward
 
@@ -49,23 +48,10 @@ def splora_linear(
     x2d = x.reshape(-1, in_features).contiguous()
     if x2d.shape[0] == 0:
         return x.new_zeros(*lead, out_features)
-    y = _backend.get(backend).splora_linear_forward(
-        x2d, weight.contiguous(), _contiguous(lora_a), _contiguous(lora_b),
-        _contiguous(bias), in_idx, out_idx, scale,
+    y = kernel(backend, "splora_linear_forward")(
+        x2d, weight.contiguous(), contiguous(lora_a), contiguous(lora_b), contiguous(bias), in_idx, out_idx, scale,
     )
-    return _own_storage(y, (*lead, out_features))
-
-
-def _own_storage(y: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """``y`` (contiguous) reshaped to ``shape`` as a tensor of its own, not a view.
-
-    An op's output must not be a view: autograd forbids in-place changes to views
-    made inside a custom function (``nn.ReLU(inplace=True)`` after the layer would
-    fail).  Pointing a fresh tensor at ``y``'s storage reshapes without a copy.
-    """
-    if y.shape == shape and not y._is_view():
-        return y
-    return y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), shape, torch.empty(shape, device="meta").stride())
+    return own_storage(y, (*lead, out_features))
 
 
 @register_fake(splora_linear)
@@ -96,42 +82,18 @@ def splora_linear_backward(
     if lora_a is None:
         mask = (mask[0], mask[1], False, False, mask[4])
     if x2d.shape[0] == 0:
-        grads = (
-            x2d.new_zeros(x2d.shape) if mask[0] else None,
-            torch.zeros_like(weight) if mask[1] else None,
-            torch.zeros_like(lora_a) if mask[2] else None,
-            torch.zeros_like(lora_b) if mask[3] else None,
-            weight.new_zeros(out_features) if mask[4] else None,
-        )
+        grads = zero_gradients(mask, gradient_shapes(x2d, weight, lora_a, lora_b, out_channels=out_features), x2d)
     else:
-        grads = _backend.get(backend).splora_linear_backward(
-            grad2d, x2d, weight.contiguous(), _contiguous(lora_a), _contiguous(lora_b),
-            in_idx, out_idx, scale, mask,
+        grads = kernel(backend, "splora_linear_backward")(
+            grad2d, x2d, weight.contiguous(), contiguous(lora_a), contiguous(lora_b), in_idx, out_idx, scale, mask,
         )
-    grad_x = _own_storage(grads[0].contiguous(), tuple(x.shape)) if grads[0] is not None else None
-    return (
-        _empty_like_missing(grad_x, x),
-        _empty_like_missing(grads[1], x),
-        _empty_like_missing(grads[2], x),
-        _empty_like_missing(grads[3], x),
-        _empty_like_missing(grads[4], x),
-    )
+    grad_x = own_storage(grads[0].contiguous(), tuple(x.shape)) if grads[0] is not None else None
+    return with_placeholders((grad_x, *grads[1:]), x)
 
 
 @register_fake(splora_linear_backward)
 def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, backend, output_mask):
-    has_lora = lora_a is not None
-    shapes = (
-        x.shape,
-        weight.shape,
-        lora_a.shape if has_lora else None,
-        lora_b.shape if has_lora else None,
-        weight.shape[:1],
-    )
-    return tuple(
-        x.new_empty(shape) if want and shape is not None else x.new_empty(0)
-        for want, shape in zip(output_mask, shapes, strict=True)
-    )
+    return fake_gradients(output_mask, gradient_shapes(x, weight, lora_a, lora_b, out_channels=weight.shape[0]), x)
 
 
 refuse_derivative(splora_linear_backward)
@@ -152,26 +114,10 @@ def _linear_backward(ctx, grad_out):
     grads = splora_linear_backward(
         grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, ctx.scale, ctx.backend, output_mask
     )
-    grads = [g if want else None for g, want in zip(grads, output_mask, strict=True)]
-    return (*grads, None, None, None, None)
+    return (*wanted(grads, output_mask), None, None, None, None)
 
 
 register_autograd(splora_linear, _linear_backward, setup_context=_setup_linear_context)
 
 
-# The convolution ops live in their own file; importing it registers them.
-from ._ops_conv import (  # noqa: E402
-    splora_conv,
-    splora_conv_backward,
-    sppara_conv,
-    sppara_conv_backward,
-)
-
-__all__ = [
-    "splora_conv",
-    "splora_conv_backward",
-    "splora_linear",
-    "splora_linear_backward",
-    "sppara_conv",
-    "sppara_conv_backward",
-]
+__all__ = ["splora_linear", "splora_linear_backward"]

@@ -27,12 +27,13 @@ from .accounting import (
     stored_parameters,
     stored_parameters_by_layer,
 )
-from .adaptive import AdaptivePolicy, AdaptiveResult, ThresholdSearch, adaptive_prune, layer_thresholds
+from .adaptive import AdaptivePolicy, AdaptiveResult, ThresholdSearch, adaptive_prune
 from .criteria import ActivationCriterion, Criterion, GradientCriterion, MagnitudeCriterion, TaylorCriterion
 from .groups import ChannelGroup, ChannelMap, channel_groups, install_norm_masks, remove_norm_masks
 from .layerwise import TruncatedBlocks, block_scores, choose_depth, truncate
 from .package import load_task, save_task, task_size
 from .schedule import PruneReport, iterative_prune, prune, round_densities
+from .thresholds import layer_thresholds
 
 __all__ = [
     "ActivationCriterion",

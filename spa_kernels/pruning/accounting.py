@@ -1,6 +1,6 @@
 """What a pruned SPA model stores per task and what one forward pass costs.
 
-Counts follow DESIGN.md section 1 and read each SPA layer's masks: ``|O|`` active
+Counts follow docs/design.md section 1 and read each SPA layer's masks: ``|O|`` active
 output channels, ``|S|`` active input channels, ``k`` kernel taps (1 for a linear
 layer), ``r`` the adapter rank.  Only SPA layers are counted; the rest of a model
 (batch norms, plain layers) is the caller's to add.
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import ChannelMasked, SPLoRALinear
-from ..nn._adapter import LowRankAdapter
+from ..nn.adapter import LowRankAdapter
 from ._layers import checked_spa_layers
 
 METHODS = (None, "fine-pruning")

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import ChannelMasked, SPLoRALinear
-from ..nn._adapter import LowRankAdapter
+from ..nn.adapter import LowRankAdapter
 from ._layers import checked_spa_layers
 
 Scores = dict[str, Tensor]

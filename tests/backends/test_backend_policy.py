@@ -1,6 +1,6 @@
 """Which backend runs an op: auto selection, ``use_backend``, ``SPA_KERNELS_BACKEND``, explicit names.
 
-Precedence (DESIGN.md section 2 and ``spa_kernels._backend``): an explicit
+Precedence (docs/design.md section 2 and ``spa_kernels.backend``): an explicit
 ``backend=`` argument, then the innermost ``use_backend`` block, then the
 environment variable, then auto (fastest available: ``cpu`` before
 ``reference`` on CPU; never the Triton interpreter).  An explicitly asked-for
@@ -18,22 +18,20 @@ import threading
 
 import pytest
 import torch
-from _linear_cases import recording_backend_calls
+from support.linear_cases import recording_backend_calls
 
 import spa_kernels
-from spa_kernels import _backend, reference
+from spa_kernels import backend as backend_policy
+from spa_kernels.backend import reference
+
+ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-class SpyBackend:
-    """The reference backend under another name, recording forward and backward calls."""
+class SpyKernels:
+    """The reference linear kernels, recording forward and backward calls."""
 
-    def __init__(self, name: str, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16)):
-        self.name = name
-        self.dtypes = dtypes
+    def __init__(self):
         self.calls: list[str] = []
-
-    def is_available(self, device_type, dtype):
-        return device_type == "cpu" and (dtype is None or dtype in self.dtypes)
 
     def splora_linear_forward(self, *args):
         self.calls.append("forward")
@@ -44,13 +42,20 @@ class SpyBackend:
         return reference.splora_linear_backward(*args)
 
 
+def install_spy(name: str, spy: SpyKernels, dtypes=ALL_DTYPES) -> None:
+    """Registers ``spy`` as the backend ``name``, running CPU tensors of ``dtypes``."""
+    capabilities = backend_policy.Capabilities(devices=("cpu",), dtypes=dtypes)
+    backend_policy.register_backend(backend_policy.Backend(name, capabilities, kernels=(spy,)))
+
+
 @pytest.fixture
 def spies(monkeypatch):
-    """Spy ``cpu`` and ``triton`` backends in the registry (restored afterwards)."""
-    monkeypatch.delenv(_backend.ENV_VARIABLE, raising=False)
-    installed = {name: SpyBackend(name) for name in ("cpu", "triton")}
+    """Spy ``cpu`` and ``triton`` backends in the registry (the real ones restored afterwards)."""
+    monkeypatch.delenv(backend_policy.ENV_VARIABLE, raising=False)
+    installed = {name: SpyKernels() for name in ("cpu", "triton")}
     for name, spy in installed.items():
-        monkeypatch.setitem(_backend._REGISTRY, name, spy)
+        monkeypatch.setitem(backend_policy._REGISTRY, name, None)  # remembers the real entry
+        install_spy(name, spy)
     return installed
 
 
@@ -78,13 +83,13 @@ def test_auto_prefers_cpu_over_reference(spies):
 
 
 def test_auto_never_picks_the_triton_interpreter_on_cpu(spies, monkeypatch):
-    monkeypatch.delitem(_backend._REGISTRY, "cpu")
+    monkeypatch.delitem(backend_policy._REGISTRY, "cpu")
     assert run() == ["reference", "reference"]
     assert spies["triton"].calls == []
 
 
 def test_auto_falls_back_silently_for_an_unsupported_dtype(spies, caplog):
-    spies["cpu"].dtypes = (torch.float32,)
+    install_spy("cpu", spies["cpu"], dtypes=(torch.float32,))
     caplog.set_level(logging.DEBUG, logger="spa_kernels")
     assert run(dtype=torch.float64) == ["reference", "reference"]
     assert any("cpu" in record.getMessage() for record in caplog.records), "auto fell back without a debug log"
@@ -92,8 +97,8 @@ def test_auto_falls_back_silently_for_an_unsupported_dtype(spies, caplog):
 
 
 def test_auto_without_cpu_build_uses_reference(spies, monkeypatch):
-    monkeypatch.delitem(_backend._REGISTRY, "cpu")
-    monkeypatch.delitem(_backend._REGISTRY, "triton")
+    monkeypatch.delitem(backend_policy._REGISTRY, "cpu")
+    monkeypatch.delitem(backend_policy._REGISTRY, "triton")
     assert run() == ["reference", "reference"]
     assert spa_kernels.backends("cpu") == ["reference"]
 
@@ -175,7 +180,7 @@ def test_precedence_explicit_then_use_backend_then_environment(spies, monkeypatc
 
 
 def test_explicit_backend_that_cannot_run_raises(spies):
-    spies["triton"].dtypes = (torch.float32,)
+    install_spy("triton", spies["triton"], dtypes=(torch.float32,))
     with pytest.raises(ValueError, match="backend='triton'"):
         run(backend="triton", dtype=torch.float64)
     with pytest.raises(ValueError, match="backend='triton'"), spa_kernels.use_backend("triton"):
@@ -184,7 +189,7 @@ def test_explicit_backend_that_cannot_run_raises(spies):
 
 
 def test_environment_backend_that_cannot_run_raises(spies, monkeypatch):
-    monkeypatch.delitem(_backend._REGISTRY, "triton")
+    monkeypatch.delitem(backend_policy._REGISTRY, "triton")
     monkeypatch.setenv("SPA_KERNELS_BACKEND", "triton")
     with pytest.raises(ValueError, match="triton"):
         run()
@@ -199,11 +204,11 @@ def test_reference_is_always_available():
 
 
 def test_auto_picks_cpu_when_built_else_reference(monkeypatch):
-    monkeypatch.delenv(_backend.ENV_VARIABLE, raising=False)
-    built = spa_kernels.cpu.BUILT
-    assert ("cpu" in spa_kernels.backends("cpu")) == built, spa_kernels.cpu.BUILD_ERROR
+    monkeypatch.delenv(backend_policy.ENV_VARIABLE, raising=False)
+    built = spa_kernels.backend.cpu.BUILT
+    assert ("cpu" in spa_kernels.backends("cpu")) == built, spa_kernels.backend.cpu.BUILD_ERROR
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        expected = "cpu" if built and spa_kernels.cpu.is_available("cpu", dtype) else "reference"
+        expected = "cpu" if built and spa_kernels.backend.cpu.CAPABILITIES.runs("cpu", dtype) else "reference"
         assert run(dtype=dtype) == [expected, expected], f"auto for {dtype}"
 
 
@@ -229,3 +234,57 @@ def test_use_backend_is_local_to_its_thread(spies):
     finally:
         release.set()
         worker.join()
+
+
+# --------------------------------------------------------------------------- names and registration
+
+
+def test_cuda_is_a_valid_name_but_never_chosen_by_auto():
+    """``cuda`` is accepted as a name; auto does not list it until its kernels have passed on a GPU."""
+    assert "cuda" in backend_policy.BACKEND_NAMES
+    assert all("cuda" not in order for order in backend_policy.AUTO_PREFERENCE.values())
+    with spa_kernels.use_backend("cuda"):  # a valid name: the context accepts it
+        pass
+
+
+@pytest.mark.skipif("cuda" in backend_policy.registered(), reason="a cuda backend is registered here")
+def test_an_unregistered_cuda_backend_asked_for_raises_clearly(monkeypatch):
+    monkeypatch.delenv(backend_policy.ENV_VARIABLE, raising=False)
+    with pytest.raises(ValueError, match="backend='cuda' is not registered"):
+        run(backend="cuda")
+    monkeypatch.setenv(backend_policy.ENV_VARIABLE, "cuda")
+    with pytest.raises(ValueError, match="backend='cuda' is not registered"):
+        run()
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        run(backend="gpu")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        run(backend=1)
+    with pytest.raises(ValueError, match="unknown backend name"):
+        install_spy("fast", SpyKernels())
+
+
+def test_a_new_backend_registers_with_one_call(monkeypatch):
+    """Registering is one ``register_backend`` call; the backend then runs what it implements."""
+    monkeypatch.delenv(backend_policy.ENV_VARIABLE, raising=False)
+    monkeypatch.setitem(backend_policy._REGISTRY, "cuda", None)
+    spy = SpyKernels()
+    install_spy("cuda", spy)
+    assert "cuda" in spa_kernels.backends("cpu")
+    assert run(backend="cuda") == ["cuda", "cuda"]
+    assert spy.calls == ["forward", "backward"]
+    with pytest.raises(ValueError, match="does not implement splora_conv"):
+        spa_kernels.splora_conv2d(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1), backend="cuda")
+
+
+def test_capabilities_are_checked_in_one_place(monkeypatch):
+    """Dtypes, devices and groups come from each backend's declared capabilities."""
+    for impl in backend_policy.registered().values():
+        assert isinstance(impl.capabilities, backend_policy.Capabilities)
+    ref = backend_policy.get("reference").capabilities
+    assert ref.devices is None and ref.grouped_conv
+    with pytest.raises(ValueError, match="groups=2"):
+        backend_policy.check_groups("cpu", 2)
+    backend_policy.check_groups("reference", 2)

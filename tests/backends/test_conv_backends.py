@@ -20,7 +20,9 @@ import functools
 
 import pytest
 import torch
-from _conv_cases import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.conv_cases import (
     SPLORA_SPECS,
     SPPARA_SPECS,
     assert_pruned_exact_zero,
@@ -32,9 +34,7 @@ from _conv_cases import (
     run_api,
     torch_low_precision,
 )
-from _linear_cases import ALL_DTYPES, LOW_PRECISION, check_results, forced_isa, skip_unless_available
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from support.linear_cases import ALL_DTYPES, LOW_PRECISION, check_results, forced_isa, skip_unless_available
 
 import spa_kernels
 

@@ -17,7 +17,9 @@ import functools
 
 import pytest
 import torch
-from _linear_cases import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.linear_cases import (
     ALL_DTYPES,
     BIG_SPECS,
     LOW_PRECISION,
@@ -34,8 +36,6 @@ from _linear_cases import (
     skip_unless_available,
     torch_low_precision,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import spa_kernels
 
@@ -158,28 +158,28 @@ def test_triton_random_cases(backend_param, data):
     _random_case_check(backend_param, data, max_features=48, max_rows=40)
 
 
-@pytest.mark.skipif(not spa_kernels.cpu.BUILT, reason="the cpu backend is not built (`make build`)")
+@pytest.mark.skipif(not spa_kernels.backend.cpu.BUILT, reason="the cpu backend is not built (`make build`)")
 def test_cpu_isa_api():
     """The ISA switch the parametrisation relies on: listed, settable, restorable."""
-    isas = spa_kernels.cpu.supported_isas()
-    print(f"supported ISAs: {isas}, current: {spa_kernels.cpu.isa()}")
+    isas = spa_kernels.backend.cpu.supported_isas()
+    print(f"supported ISAs: {isas}, current: {spa_kernels.backend.cpu.isa()}")
     assert isas, "supported_isas() is empty"
     assert "generic" in isas, f"the portable path must always be available, got {isas}"
     assert set(isas) <= {"avx512", "avx2", "generic"}, isas
-    assert spa_kernels.cpu.isa() in isas
-    previous = spa_kernels.cpu.isa()
+    assert spa_kernels.backend.cpu.isa() in isas
+    previous = spa_kernels.backend.cpu.isa()
     try:
         for isa in isas:
-            spa_kernels.cpu.set_isa(isa)
-            assert spa_kernels.cpu.isa() == isa
+            spa_kernels.backend.cpu.set_isa(isa)
+            assert spa_kernels.backend.cpu.isa() == isa
         with pytest.raises((ValueError, RuntimeError)):
-            spa_kernels.cpu.set_isa("not-an-isa")
+            spa_kernels.backend.cpu.set_isa("not-an-isa")
         for isa in {"avx512", "avx2"} - set(isas):  # not supported by this CPU: refused
             with pytest.raises((ValueError, RuntimeError)):
-                spa_kernels.cpu.set_isa(isa)
+                spa_kernels.backend.cpu.set_isa(isa)
     finally:
-        spa_kernels.cpu.set_isa(previous)
-    assert spa_kernels.cpu.isa() == previous
+        spa_kernels.backend.cpu.set_isa(previous)
+    assert spa_kernels.backend.cpu.isa() == previous
 
 
 def test_backend_stride_zero_inputs(backend):

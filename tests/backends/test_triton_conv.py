@@ -14,7 +14,7 @@ at most 2, at most 10 channels (two 8-wide interpreter blocks with a ragged
 tail), spatial sizes at most 7, and few 3-D or 5×5 cases.  Tests on CUDA tensors
 use bigger shapes and skip themselves without a GPU.
 
-Tolerances (DESIGN.md section 6), each against the float64 result of the same
+Tolerances (docs/design.md section 6), each against the float64 result of the same
 rounded inputs: float32 within 1e-4 of the largest value; bfloat16 and float16
 at most twice the error of PyTorch's own computation in that dtype (the dense
 formula run in it), plus one ulp of the largest value.
@@ -27,19 +27,19 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from _triton_support import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.triton_support import (
     compile_for_gpu,
     has_nvidia_compiler,
     max_error,
     random_indices,
     run_without_interpreter,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import Tensor
 
 import spa_kernels
-from spa_kernels import triton as triton_backend
+from spa_kernels.backend import triton as triton_backend
 
 pytestmark = pytest.mark.skipif(not triton_backend.IMPORTED, reason="Triton is not installed")
 
@@ -50,8 +50,8 @@ needs_cuda = pytest.mark.skipif(not CUDA_RUNS, reason="needs a CUDA GPU")
 
 # The public functions and the reference convolutions, where this checkout has them.
 PUBLIC_API = all(hasattr(spa_kernels, f"{kind}_conv{d}d") for kind in ("splora", "sppara") for d in (1, 2, 3))
-REFERENCE = hasattr(spa_kernels.reference, "splora_conv_forward") and hasattr(
-    spa_kernels.reference, "sppara_conv_forward"
+REFERENCE = hasattr(spa_kernels.backend.reference, "splora_conv_forward") and hasattr(
+    spa_kernels.backend.reference, "sppara_conv_forward"
 )
 
 SPLORA_NAMES = ("x", "weight", "lora_a", "lora_b", "bias")
@@ -319,7 +319,7 @@ def check(case: Case, dtype: torch.dtype) -> None:
     failures = _compare(got, exact, yardstick, dtype, "dense float64")
     if REFERENCE:
         reference = (run_public(case, "reference", torch.float64) if PUBLIC_API
-                     else run_backend(case, spa_kernels.reference, torch.float64))
+                     else run_backend(case, spa_kernels.backend.reference, torch.float64))
         for key, expected in exact.items():  # the oracle chain: reference == dense in float64
             error, report = max_error(reference[key], expected)
             largest = float(expected.abs().max()) if expected.numel() else 0.0
@@ -464,7 +464,7 @@ def test_backward_returns_only_what_is_asked(which, sppara):
 @needs_interpreter
 def test_frozen_weight_costs_no_weight_gradient_work(monkeypatch):
     """With W frozen, no kernel writes a weight-shaped tensor; with W trainable exactly one does."""
-    from spa_kernels.triton import conv_backward
+    from spa_kernels.backend.triton import conv_backward
 
     targets = []
     original = conv_backward.weight_grad
@@ -487,7 +487,7 @@ def test_frozen_weight_costs_no_weight_gradient_work(monkeypatch):
 @pytest.mark.parametrize("transposed", [False, True], ids=["forward", "transposed"])
 def test_kernels_never_touch_inactive_outputs(transposed):
     """The implicit GEMM writes active channels only: NaN elsewhere stays NaN."""
-    from spa_kernels.triton import conv
+    from spa_kernels.backend.triton import conv
 
     case = make_case(Spec(in_channels=9, out_channels=10, stride=2, size=6, keep_in=0.3, keep_out=0.3),
                      torch.float32)
@@ -562,9 +562,9 @@ def test_backend_checks_what_it_relies_on():
 @pytest.mark.skipif(not PUBLIC_API, reason="the public convolution functions are not in this checkout")
 def test_auto_never_picks_the_interpreter():
     x, weight = torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3)
-    from spa_kernels import _backend
+    from spa_kernels import backend as backend_policy
 
-    assert _backend.resolve(None, x.device, x.dtype, op="splora_conv").name != "triton"
+    assert backend_policy.resolve(None, x.device, x.dtype, op="splora_conv").name != "triton"
     spa_kernels.splora_conv2d(x, weight, padding=1)
 
 
@@ -582,7 +582,7 @@ def compile_every_conv_kernel_for_gpu(capabilities: tuple[int, ...]) -> None:
     Small tiles keep compile time down: the code paths, not the tile sizes, are
     what can fail to lower.
     """
-    from spa_kernels.triton import conv, conv_backward
+    from spa_kernels.backend.triton import conv, conv_backward
 
     assert not conv.INTERPRETED, "kernels were decorated for the interpreter"
 

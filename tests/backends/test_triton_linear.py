@@ -6,7 +6,7 @@ Triton), so shapes stay small: at most 40 rows and 48 channels, which already
 spans several 16-wide interpreter tiles with ragged tails.  Tests on CUDA
 tensors use bigger shapes and skip themselves without a GPU.
 
-Tolerances (DESIGN.md section 6), each against a float64 computation of the
+Tolerances (docs/design.md section 6), each against a float64 computation of the
 same rounded inputs: float32 within 1e-4 of the largest value; bfloat16 and
 float16 at most twice the error of PyTorch's own computation in that dtype
 (the reference backend run in it), plus one ulp of the largest value.
@@ -18,19 +18,19 @@ import dataclasses
 
 import pytest
 import torch
-from _triton_support import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.triton_support import (
     compile_for_gpu,
     has_nvidia_compiler,
     max_error,
     random_indices,
     run_without_interpreter,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import Tensor
 
 import spa_kernels
-from spa_kernels import triton as triton_backend
+from spa_kernels.backend import triton as triton_backend
 
 pytestmark = pytest.mark.skipif(not triton_backend.IMPORTED, reason="Triton is not installed")
 
@@ -254,7 +254,7 @@ def test_backward_returns_only_what_is_asked(output_mask):
     t = case.tensors
     args = (case.grad_out, t["x"], t["weight"], t["lora_a"], t["lora_b"], case.in_idx, case.out_idx, 0.5)
     got = triton_backend.splora_linear_backward(*args, output_mask)
-    expected = spa_kernels.reference.splora_linear_backward(*args, output_mask)
+    expected = spa_kernels.backend.reference.splora_linear_backward(*args, output_mask)
     for name, want, g, e in zip(NAMES, output_mask, got, expected, strict=True):
         if not want:
             assert g is None, f"{name} gradient computed although not asked for"
@@ -265,7 +265,7 @@ def test_backward_returns_only_what_is_asked(output_mask):
 @needs_interpreter
 def test_frozen_weight_costs_no_weight_gradient_work(monkeypatch):
     """With W frozen, no kernel writes a weight-shaped tensor; with W trainable exactly one does."""
-    from spa_kernels.triton import linear_backward
+    from spa_kernels.backend.triton import linear_backward
 
     targets = []
     original = linear_backward.gathered_tn
@@ -295,7 +295,7 @@ def test_kernels_never_touch_inactive_outputs():
     active = torch.zeros(37, dtype=torch.bool)
     active[case.out_idx] = True
     assert torch.isnan(out[:, ~active]).all()
-    expected = spa_kernels.reference.splora_linear_forward(
+    expected = spa_kernels.backend.reference.splora_linear_forward(
         t["x"], t["weight"], None, None, t["bias"], case.in_idx, case.out_idx, 1.0
     )
     torch.testing.assert_close(out[:, active], expected[:, active], rtol=1e-5, atol=1e-5)
@@ -369,9 +369,9 @@ def test_unsupported_dtype_raises():
 @needs_interpreter
 def test_auto_never_picks_the_interpreter():
     x, weight = torch.randn(3, 4), torch.randn(5, 4)
-    from spa_kernels import _backend
+    from spa_kernels import backend as backend_policy
 
-    assert _backend.resolve(None, x.device, x.dtype).name != "triton"
+    assert backend_policy.resolve(None, x.device, x.dtype).name != "triton"
     spa_kernels.splora_linear(x, weight)
 
 
@@ -385,7 +385,7 @@ def compile_every_kernel_for_gpu(capabilities: tuple[int, ...]) -> None:
     JIT functions.  Two variants per kernel: bf16 with every index and fused
     term on and the largest autotune config, fp32 with all off and the smallest.
     """
-    from spa_kernels.triton import linear, linear_backward
+    from spa_kernels.backend.triton import linear, linear_backward
 
     assert not linear.INTERPRETED, "kernels were decorated for the interpreter"
 

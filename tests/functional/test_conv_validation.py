@@ -1,6 +1,6 @@
 """Bad input to the convolutions fails early, with the right type and a message naming the argument.
 
-DESIGN.md section 5.  Each case starts from a valid ``splora_conv2d`` (or
+docs/design.md section 5.  Each case starts from a valid ``splora_conv2d`` (or
 ``sppara_conv2d``) call and breaks exactly one thing; the test also checks that
 no backend was reached.  Grouped convolutions on a fused backend are refused
 the same way.
@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _linear_cases import recording_backend_calls
+from support.linear_cases import recording_backend_calls
 
 import spa_kernels
 from spa_kernels import functional
@@ -204,10 +204,10 @@ def test_dimensionality_must_match_the_function(fn, x_shape, weight_shape, patte
 
 def test_trusted_entry_points_still_check_shapes():
     arguments = valid_splora() | {"weight": torch.randn(C_OUT, C_IN)}
-    _rejected(lambda a, backend: call_splora(a, backend, fn=functional._splora_conv_trusted), arguments,
+    _rejected(lambda a, backend: call_splora(a, backend, fn=functional.splora_conv_trusted), arguments,
               ValueError, "weight")
     arguments = valid_sppara() | {"adapter": torch.randn(C_IN, C_OUT)}
-    _rejected(lambda a, backend: call_sppara(a, backend, fn=functional._sppara_conv_trusted), arguments,
+    _rejected(lambda a, backend: call_sppara(a, backend, fn=functional.sppara_conv_trusted), arguments,
               ValueError, "adapter")
 
 

@@ -1,6 +1,6 @@
 """Bad input to ``splora_linear`` fails early, with the right type and a message naming the argument.
 
-DESIGN.md section 5: every public entry point validates before any kernel runs
+docs/design.md section 5: every public entry point validates before any kernel runs
 and raises ValueError/TypeError/IndexError naming the argument.  Each case
 starts from a valid call and breaks exactly one thing; the test also checks
 that no backend was reached.
@@ -14,10 +14,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from _linear_cases import recording_backend_calls
+from support.linear_cases import recording_backend_calls
 
 import spa_kernels
-from spa_kernels import cpu as cpu_backend
+from spa_kernels.backend import cpu as cpu_backend
 
 M, IN, OUT, RANK = 4, 6, 5, 2
 
@@ -141,7 +141,7 @@ def test_backend_cuda_on_cpu_tensors_raises():
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_backend_without_dtype_support_raises(backend):
     """An explicitly named backend that cannot take the dtype raises; it never falls back."""
-    impl = spa_kernels._backend._REGISTRY.get(backend)
+    impl = spa_kernels.backend._REGISTRY.get(backend)
     unsupported = [d for d in (torch.float64, torch.float16, torch.bfloat16)
                    if impl is None or not impl.is_available("cpu", d)]
     if not unsupported:

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 import spa_kernels
-from spa_kernels import _backend
+from spa_kernels import backend as backend_policy
 from spa_kernels.nn import SPLoRAConv1d, SPLoRAConv2d, SPLoRALinear, SPPaRAConv2d
 
 BACKENDS = spa_kernels.backends("cpu")
-CONV_BACKENDS = [name for name in BACKENDS if _backend._implements(_backend.get(name), "splora_conv")
-                 and _backend._implements(_backend.get(name), "sppara_conv")]
+CONV_BACKENDS = [name for name in BACKENDS if backend_policy.get(name).implements("splora_conv")
+                 and backend_policy.get(name).implements("sppara_conv")]
 
 
 class Block(nn.Module):
@@ -283,7 +283,7 @@ def test_depthwise_conv_is_converted_and_runs_on_the_reference_backend(caplog, m
         assert "groups=6" in caplog.text
     zero_adapters(converted)
     x = torch.randn(2, 6, 9)
-    monkeypatch.setattr(spa_kernels.functional_conv, "_grouped_warning_given", False)
+    monkeypatch.setattr(spa_kernels.functional.conv, "_grouped_warning_given", False)
     with pytest.warns(UserWarning, match="groups=6"), torch.no_grad():
         y = converted(x)
     with torch.no_grad():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import spa_kernels
-from spa_kernels import _backend
+from spa_kernels import backend as backend_policy
 from spa_kernels.nn import (
     SPLoRAConv1d,
     SPLoRAConv2d,
@@ -27,7 +27,7 @@ from spa_kernels.nn import (
     SPPaRAConv3d,
 )
 
-FP32_TOL = 1e-4  # DESIGN.md section 6, relative to the float64 result
+FP32_TOL = 1e-4  # docs/design.md section 6, relative to the float64 result
 IN, OUT = 6, 8
 SPATIAL = {1: (9,), 2: (7, 6), 3: (4, 3, 4)}
 TORCH_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -46,8 +46,8 @@ SPLORA = (SPLoRAConv1d, SPLoRAConv2d, SPLoRAConv3d)
 
 
 def has_conv_kernels(name: str) -> bool:
-    impl = _backend.get(name)
-    return _backend._implements(impl, "splora_conv") and _backend._implements(impl, "sppara_conv")
+    impl = backend_policy.get(name)
+    return impl.implements("splora_conv") and impl.implements("sppara_conv")
 
 
 # Backends that run convolutions here; kernels may land backend by backend.

@@ -19,7 +19,7 @@ import spa_kernels
 from spa_kernels.nn import SPLoRALinear
 
 BACKENDS = spa_kernels.backends("cpu")
-FP32_TOL = 1e-4  # DESIGN.md section 6, relative to the float64 result
+FP32_TOL = 1e-4  # docs/design.md section 6, relative to the float64 result
 
 
 @pytest.fixture(params=BACKENDS)

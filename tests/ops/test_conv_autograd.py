@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _conv_cases import (
+from support.conv_cases import (
     ALL_GRADS,
     ConvSpec,
     build_case,
@@ -24,7 +24,7 @@ from _conv_cases import (
     op_of,
     reference_truth,
 )
-from _linear_cases import check_results, forced_isa, skip_unless_available
+from support.linear_cases import check_results, forced_isa, skip_unless_available
 
 import spa_kernels
 from spa_kernels import functional
@@ -226,9 +226,9 @@ def test_compile_public_api_fullgraph(backend, kind):
 def _trusted(spec: ConvSpec, t: dict, in_idx, out_idx, backend: str):
     geometry = {"stride": spec.stride, "padding": spec.padding, "dilation": spec.dilation, "groups": spec.groups}
     if spec.kind == "splora":
-        return functional._splora_conv_trusted(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"], in_idx,
+        return functional.splora_conv_trusted(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"], in_idx,
                                                out_idx, scale=spec.scale, backend=backend, **geometry)
-    return functional._sppara_conv_trusted(t["x"], t["weight"], t["adapter"], t["bias"], in_idx, out_idx,
+    return functional.sppara_conv_trusted(t["x"], t["weight"], t["adapter"], t["bias"], in_idx, out_idx,
                                            backend=backend, **geometry)
 
 

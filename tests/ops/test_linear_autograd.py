@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _linear_cases import (
+from support.linear_cases import (
     GRAD_NAMES,
     LinearSpec,
     build_case,
@@ -178,7 +178,7 @@ def test_compile_public_api_default_backend(monkeypatch):
 
 def test_compile_public_api_auto_fallback(monkeypatch):
     monkeypatch.delenv("SPA_KERNELS_BACKEND", raising=False)
-    monkeypatch.delitem(spa_kernels._backend._REGISTRY, "cpu", raising=False)
+    monkeypatch.delitem(spa_kernels.backend._REGISTRY, "cpu", raising=False)
     _compile_public_api_default_backend()
 
 

@@ -1,4 +1,4 @@
-"""How the ops are registered with the dispatcher (``spa_kernels/_dispatch.py``).
+"""How the ops are registered with the dispatcher (``spa_kernels/ops/library.py``).
 
 The ops are defined with ``torch.library.Library`` rather than ``custom_op``;
 these checks pin down what ``custom_op`` would give for free: the ``pt2_compliant``

@@ -7,6 +7,7 @@ import sp_adapters
 import sp_adapters.splora
 import sp_adapters.sppara
 import torch
+from support.pruning_models import ResidualCNN, residual_cnn_input
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,7 +21,6 @@ from spa_kernels.pruning.accounting import (
     stored_parameters,
     stored_parameters_by_layer,
 )
-from tests._pruning_models import ResidualCNN, residual_cnn_input
 
 
 def _mask(bits: str) -> torch.Tensor:

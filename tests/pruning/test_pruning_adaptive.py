@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from _pruning_models import ResidualCNN, TinyMLP, residual_cnn_input
+from support.pruning_models import ResidualCNN, TinyMLP, residual_cnn_input
 from torch import nn
 
 import spa_kernels
@@ -22,13 +22,15 @@ from spa_kernels.pruning.adaptive import (
     Outcome,
     ThresholdSearch,
     adaptive_prune,
+)
+from spa_kernels.pruning.groups import channel_groups
+from spa_kernels.pruning.thresholds import (
     layer_thresholds,
     normalise_scores,
     prune_at_threshold,
     spa_layer_costs,
     threshold_keep,
 )
-from spa_kernels.pruning.groups import channel_groups
 
 
 def run_script(search: ThresholdSearch, outcomes: list[Outcome]) -> list[tuple[float, str, float | None]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from support.pruning_models import ResidualCNN, residual_cnn_input
 from torch import nn
 
 import spa_kernels
@@ -21,7 +22,6 @@ from spa_kernels.pruning.criteria import (
     MagnitudeCriterion,
     TaylorCriterion,
 )
-from tests._pruning_models import ResidualCNN, residual_cnn_input
 
 F64 = torch.float64
 

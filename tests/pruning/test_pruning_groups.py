@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from support.pruning_models import ResidualCNN, TinyMLP, one_torch_thread, residual_cnn_input  # noqa: F401 (fixture)
 from torch import Tensor, nn
 
 from bench.resnet import ResNet, compacted_network
@@ -25,7 +26,6 @@ from spa_kernels.pruning.groups import (
     install_norm_masks,
     remove_norm_masks,
 )
-from tests._pruning_models import ResidualCNN, TinyMLP, one_torch_thread, residual_cnn_input  # noqa: F401 (fixture)
 
 RESNET18_NARROW = dataclasses.replace(RESNET18_56, stage_channels=(8, 16, 24, 32), classes=10)
 """ResNet-18's topology (stages, blocks, projections, names) at widths that keep the tests quick."""

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-from _pruning_models import ResidualBlock
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.pruning_models import ResidualBlock
 from torch import nn
 
 import spa_kernels

@@ -18,7 +18,7 @@ import zlib
 
 import pytest
 import torch
-from _pruning_models import ResidualCNN, TinyMLP, residual_cnn_input
+from support.pruning_models import ResidualCNN, TinyMLP, residual_cnn_input
 from torch import nn
 
 import spa_kernels
@@ -257,7 +257,7 @@ def test_size_follows_the_stored_per_task_formula(tmp_path):
     model = randomise_task(converted(ResidualCNN(), rank=4), seed=30, keep=0.5)
     stored = save_to_bytes(model, compress=False)
     values = mask_bytes = blobs = 0
-    for layer in spa_layers(model).values():  # DESIGN.md §1: r·(|O| + |S|) + |O| values per SPLoRA layer
+    for layer in spa_layers(model).values():  # docs/design.md §1: r·(|O| + |S|) + |O| values per SPLoRA layer
         active_in, active_out = int(layer.in_mask.sum()), int(layer.out_mask.sum())
         values += layer.adapter.rows.shape[1] * (active_out + active_in)
         values += active_out if layer.bias is not None else 0

@@ -11,13 +11,13 @@ import math
 
 import pytest
 import torch
+from support.pruning_models import ResidualCNN, TinyMLP, one_torch_thread, residual_cnn_input  # noqa: F401 (fixture)
 from torch import Tensor, nn
 
 from spa_kernels import convert
 from spa_kernels.pruning._layers import spa_layers
 from spa_kernels.pruning.groups import ChannelGroup, ChannelMap, channel_groups
 from spa_kernels.pruning.schedule import PruneReport, iterative_prune, prune, round_densities
-from tests._pruning_models import ResidualCNN, TinyMLP, one_torch_thread, residual_cnn_input  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

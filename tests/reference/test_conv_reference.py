@@ -3,7 +3,7 @@
 The reference backend is the oracle of every other backend, so it is itself
 checked against the dense masked formula (effective weight with the adapter at
 the centre tap, masks, ``torch.nn.functional.conv{d}d``) and the gradients
-torch.autograd takes of it (see ``_conv_cases.dense_oracle``).  Grouped and
+torch.autograd takes of it (see ``support.conv_cases.dense_oracle``).  Grouped and
 depthwise convolutions run here only, and under auto selection with a warning.
 """
 
@@ -14,7 +14,9 @@ import warnings
 
 import pytest
 import torch
-from _conv_cases import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.conv_cases import (
     ALL_GRADS,
     GROUPED_SPECS,
     SPECS,
@@ -27,14 +29,12 @@ from _conv_cases import (
     run_api,
     torch_low_precision,
 )
-from _linear_cases import LOW_PRECISION, check_results
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from support.linear_cases import LOW_PRECISION, check_results
 
 import spa_kernels
-from spa_kernels import functional_conv
-from spa_kernels.reference import conv as reference_conv
-from spa_kernels.reference import conv_grouped
+from spa_kernels.backend.reference import conv as reference_conv
+from spa_kernels.backend.reference import conv_grouped
+from spa_kernels.functional import conv as functional_conv
 
 ALL_SPECS = {**SPECS, **GROUPED_SPECS}
 

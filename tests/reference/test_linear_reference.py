@@ -2,7 +2,7 @@
 
 The reference is the oracle of every other backend, so it is itself checked
 against the dense formula ``y = x (mask ⊙ (W + s·B A))ᵀ + b ⊙ mask_out`` and
-the gradients torch.autograd takes of it (see ``_linear_cases.dense_oracle``).
+the gradients torch.autograd takes of it (see ``support.linear_cases.dense_oracle``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import dataclasses
 
 import pytest
 import torch
-from _linear_cases import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.linear_cases import (
     BIG_SPECS,
     LOW_PRECISION,
     SMALL_SPECS,
@@ -25,8 +27,6 @@ from _linear_cases import (
     run_api,
     torch_low_precision,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 SPECS = {**SMALL_SPECS, **BIG_SPECS}
 

@@ -8,7 +8,7 @@ wrote it (``"same"`` included) and lets torch.autograd differentiate.  The
 reference backend instead gathers the active block, resolves padding itself and
 has an explicit backward, so a bug in one cannot hide in the other.
 
-Tolerances and reports come from ``_linear_cases`` (DESIGN.md section 6):
+Tolerances and reports come from ``support.linear_cases`` (docs/design.md section 6):
 float32 within 1e-4 of the largest float64 value, float64 within 1e-10,
 bfloat16 / float16 at most twice PyTorch's own error in that dtype.
 """
@@ -21,12 +21,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _linear_cases import _forward_and_grads, _pick_indices, recording_backend_calls
 from hypothesis import strategies as st
 from torch import Tensor
 
 import spa_kernels
-from spa_kernels import _backend
+from spa_kernels import backend as backend_policy
+from support.linear_cases import _forward_and_grads, _pick_indices, recording_backend_calls
 
 SPLORA_NAMES = ("x", "weight", "lora_a", "lora_b", "bias")
 SPPARA_NAMES = ("x", "weight", "adapter", "bias")
@@ -220,7 +220,7 @@ def build_case(spec: ConvSpec, seed: int = 0) -> ConvCase:
     return ConvCase(spec, tensors, in_idx, out_idx, grad_out)
 
 
-# Shapes that break kernels (DESIGN.md section 6).  Small enough for the Triton
+# Shapes that break kernels (docs/design.md section 6).  Small enough for the Triton
 # interpreter: at most 12 channels, spatial at most 9, batch at most 2.
 SPLORA_SPECS = {
     "2d-basic": ConvSpec(),
@@ -490,7 +490,7 @@ def pruned_where(case: ConvCase) -> dict[str, Tensor]:
 
 
 def assert_pruned_exact_zero(name: str, result: dict[str, Tensor | None], case: ConvCase) -> None:
-    """Output and gradients are exactly zero at every pruned entry (DESIGN.md section 1)."""
+    """Output and gradients are exactly zero at every pruned entry (docs/design.md section 1)."""
     failures = []
     for key, where in pruned_where(case).items():
         value = result.get(key)
@@ -520,7 +520,7 @@ def poison_pruned(case: ConvCase, value: float = float("nan")) -> ConvCase:
 
 
 def implements(backend: str, op: str) -> bool:
-    return hasattr(_backend.get(backend), f"{op}_forward") and hasattr(_backend.get(backend), f"{op}_backward")
+    return hasattr(backend_policy.get(backend), f"{op}_forward") and hasattr(backend_policy.get(backend), f"{op}_backward")
 
 
 def conv_backend_params(op: str) -> list:
@@ -530,7 +530,7 @@ def conv_backend_params(op: str) -> list:
         if name == "reference" or not implements(name, op):
             continue
         if name == "cpu":
-            isas = spa_kernels.cpu.supported_isas() or [None]
+            isas = spa_kernels.backend.cpu.supported_isas() or [None]
             params += [pytest.param((name, isa), id=f"cpu-{isa}" if isa else "cpu") for isa in isas]
         else:
             params.append(pytest.param((name, None), id=name))

@@ -6,7 +6,7 @@ with masks, computes ``y = x W_effᵀ + b ⊙ mask_out`` and lets torch.autograd
 differentiate that formula.  Nothing in it shares code with the reference
 backend, so a bug in the reference cannot hide in its own oracle.
 
-Tolerances (DESIGN.md section 6): float32 within 1e-4 of the largest float64
+Tolerances (docs/design.md section 6): float32 within 1e-4 of the largest float64
 value, float64 within 1e-10 of it; bfloat16 / float16 at most twice the error
 of PyTorch's own computation of the same formula in that dtype, plus a quarter
 ulp of the largest value for results PyTorch happens to get exactly.  Every
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import spa_kernels
-from spa_kernels import _backend
+from spa_kernels import backend as backend_policy
 
 GRAD_NAMES = ("x", "weight", "lora_a", "lora_b", "bias")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -181,7 +181,7 @@ def build_case(spec: LinearSpec, seed: int = 0) -> LinearCase:
     return LinearCase(spec, x, weight, lora_a, lora_b, bias, in_idx, out_idx, grad_out)
 
 
-# Shapes that break kernels (DESIGN.md section 6).  Every size here fits the
+# Shapes that break kernels (docs/design.md section 6).  Every size here fits the
 # Triton interpreter: at most 48 channels and 40 rows.
 SMALL_SPECS = {
     "basic": LinearSpec(),
@@ -290,17 +290,17 @@ def linear_specs(draw, *, max_features: int = 48, max_rows: int = 40) -> LinearS
 def recording_backend_calls() -> Iterator[list[str]]:
     """Names of the backends the op layer looks up while the block runs."""
     calls: list[str] = []
-    original = _backend.get
+    original = backend_policy.get
 
     def get(name: str):
         calls.append(name)
         return original(name)
 
-    _backend.get = get
+    backend_policy.get = get
     try:
         yield calls
     finally:
-        _backend.get = original
+        backend_policy.get = original
 
 
 def _forward_and_grads(y: Tensor, leaves, names, grad_out: Tensor, *, materialize: bool) -> dict:
@@ -447,7 +447,7 @@ def check_results(
 
 
 def assert_pruned_exact_zero(name: str, result: dict[str, Tensor | None], case: LinearCase) -> None:
-    """Outputs and gradients are exactly zero at every pruned entry (DESIGN.md section 1)."""
+    """Outputs and gradients are exactly zero at every pruned entry (docs/design.md section 1)."""
     in_pruned = ~case.in_mask
     out_pruned = ~case.out_mask
     pruned = {
@@ -517,7 +517,7 @@ def non_reference_backend_params(*, with_isa: bool = True) -> list:
         if name == "reference":
             continue
         if name == "cpu" and with_isa:
-            isas = spa_kernels.cpu.supported_isas()
+            isas = spa_kernels.backend.cpu.supported_isas()
             for isa in isas:
                 params.append(pytest.param((name, isa), id=f"cpu-{isa}"))
             if not isas:  # built but reports no ISA: run once, test_cpu_isa_api fails
@@ -539,16 +539,16 @@ def forced_isa(isa: str | None) -> Iterator[None]:
     if isa is None:
         yield
         return
-    previous = spa_kernels.cpu.isa()
-    spa_kernels.cpu.set_isa(isa)
+    previous = spa_kernels.backend.cpu.isa()
+    spa_kernels.backend.cpu.set_isa(isa)
     try:
-        assert spa_kernels.cpu.isa() == isa, f"set_isa({isa!r}) left isa() == {spa_kernels.cpu.isa()!r}"
+        assert spa_kernels.backend.cpu.isa() == isa, f"set_isa({isa!r}) left isa() == {spa_kernels.backend.cpu.isa()!r}"
         yield
     finally:
-        spa_kernels.cpu.set_isa(previous)
+        spa_kernels.backend.cpu.set_isa(previous)
 
 
 def skip_unless_available(backend: str, dtype: torch.dtype) -> None:
-    impl = _backend.get(backend)
+    impl = backend_policy.get(backend)
     if not impl.is_available("cpu", dtype):
         pytest.skip(f"backend {backend!r} does not support {dtype} on CPU")

@@ -1,7 +1,8 @@
 """Plain PyTorch backend: readable, runs on any device, and the test oracle."""
 
-import torch
-
+from ..._validation import SUPPORTED_DTYPES
+from .. import Backend, Capabilities, register_backend
+from . import conv, linear
 from .conv import (
     splora_conv_backward,
     splora_conv_forward,
@@ -11,14 +12,12 @@ from .conv import (
 from .linear import splora_linear_backward, splora_linear_forward
 
 name = "reference"
+CAPABILITIES = Capabilities(devices=None, dtypes=SUPPORTED_DTYPES, grouped_conv=True)
 
-
-def is_available(device_type: str, dtype: torch.dtype | None) -> bool:
-    return True
-
+register_backend(Backend(name, CAPABILITIES, kernels=(linear, conv)))
 
 __all__ = [
-    "is_available",
+    "CAPABILITIES",
     "name",
     "splora_conv_backward",
     "splora_conv_forward",

@@ -61,8 +61,6 @@ def _interpreting() -> bool:
 INTERPRETED = _interpreting()
 
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 # Programs that share a weight tile are launched close together (GROUP_M row
 # tiles per column tile), so the tile is still in L2 when the next one needs it.
 GROUP_M = 8
@@ -459,8 +457,6 @@ def check_linear_operands(
     """Shapes, dtypes and devices a launch relies on (values are the caller's)."""
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"x and weight must be 2-D, got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the triton backend supports {SUPPORTED_DTYPES}, got x of {x.dtype}")
     out_features, in_features = weight.shape
     if x.shape[1] != in_features:
         raise ValueError(f"x has {x.shape[1]} features but weight expects {in_features}")

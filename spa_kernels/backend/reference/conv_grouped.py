@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .conv import _CONV, _CONV_INPUT_GRAD, _CONV_WEIGHT_GRAD, Geometry, _broadcast, _centre
+from .torch_conv import CONV, CONV_INPUT_GRAD, CONV_WEIGHT_GRAD, Geometry, broadcast, centre_tap
 
 
 def _index_mask(idx: Tensor | None, size: int, device: torch.device) -> Tensor:
@@ -43,7 +43,7 @@ def _group_masks(x: Tensor, weight: Tensor, in_idx, out_idx, groups: int):
 def _grouped_effective_weight(weight: Tensor, centre: Tensor | None, entry_mask: Tensor) -> Tensor:
     w_eff = weight.clone()
     if centre is not None:
-        w_eff[_centre(w_eff)] += centre
+        w_eff[centre_tap(w_eff)] += centre
     return torch.where(entry_mask.view(*entry_mask.shape, *[1] * (weight.dim() - 2)), w_eff, 0)
 
 
@@ -60,11 +60,11 @@ def _grouped_adapter_columns(in_mask: Tensor, groups: int) -> Tensor:
 def _grouped_forward(x, weight, centre_fn, bias, in_idx, out_idx, stride, padding, dilation, groups):
     d = x.dim() - 2
     in_mask, out_mask, entry_mask = _group_masks(x, weight, in_idx, out_idx, groups)
-    x_m = torch.where(_broadcast(in_mask, x.dim(), 1), x, 0)
+    x_m = torch.where(broadcast(in_mask, x.dim(), 1), x, 0)
     centre = None if centre_fn is None else centre_fn(in_mask, out_mask)
     w_eff = _grouped_effective_weight(weight, centre, entry_mask)
     bias_m = None if bias is None else torch.where(out_mask, bias, 0)
-    return _CONV[d](x_m, w_eff, bias_m, stride, padding, dilation, groups)
+    return CONV[d](x_m, w_eff, bias_m, stride, padding, dilation, groups)
 
 
 def _grouped_backward(grad_out, x, weight, centre_fn, in_idx, out_idx, stride, padding, dilation, groups,
@@ -76,19 +76,19 @@ def _grouped_backward(grad_out, x, weight, centre_fn, in_idx, out_idx, stride, p
     """
     d = x.dim() - 2
     in_mask, out_mask, entry_mask = _group_masks(x, weight, in_idx, out_idx, groups)
-    dy_m = torch.where(_broadcast(out_mask, grad_out.dim(), 1), grad_out, 0)
+    dy_m = torch.where(broadcast(out_mask, grad_out.dim(), 1), grad_out, 0)
     grad_x = grad_w = grad_centre = None
     if need_x:
         centre = None if centre_fn is None else centre_fn(in_mask, out_mask)
         w_eff = _grouped_effective_weight(weight, centre, entry_mask)
-        dx = _CONV_INPUT_GRAD[d](x.shape, w_eff, dy_m, stride, padding, dilation, groups)
-        grad_x = torch.where(_broadcast(in_mask, x.dim(), 1), dx, 0)
+        dx = CONV_INPUT_GRAD[d](x.shape, w_eff, dy_m, stride, padding, dilation, groups)
+        grad_x = torch.where(broadcast(in_mask, x.dim(), 1), dx, 0)
     if need_w or need_centre:
-        x_m = torch.where(_broadcast(in_mask, x.dim(), 1), x, 0)
-        dw = _CONV_WEIGHT_GRAD[d](x_m, weight.shape, dy_m, stride, padding, dilation, groups)
+        x_m = torch.where(broadcast(in_mask, x.dim(), 1), x, 0)
+        dw = CONV_WEIGHT_GRAD[d](x_m, weight.shape, dy_m, stride, padding, dilation, groups)
         dw = torch.where(entry_mask.view(*entry_mask.shape, *[1] * d), dw, 0)
         grad_w = dw if need_w else None
-        grad_centre = dw[_centre(dw)].clone()  # a return must not alias grad_w
+        grad_centre = dw[centre_tap(dw)].clone()  # a return must not alias grad_w
     grad_bias = dy_m.sum([0, *range(2, dy_m.dim())])
     return grad_x, grad_w, grad_centre, grad_bias, (in_mask, out_mask)
 
@@ -111,14 +111,14 @@ def _splora_centre_fn(lora_a: Tensor | None, lora_b: Tensor | None, scale: float
     return centre_fn
 
 
-def splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale: float, stride: Geometry,
-                        padding: Geometry, dilation: Geometry, groups: int) -> Tensor:
+def splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride: Geometry, padding: Geometry,
+                        dilation: Geometry, groups: int, scale: float) -> Tensor:
     centre_fn = _splora_centre_fn(lora_a, lora_b, scale, groups)
     return _grouped_forward(x, weight, centre_fn, bias, in_idx, out_idx, stride, padding, dilation, groups)
 
 
-def splora_conv_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale: float, stride: Geometry,
-                         padding: Geometry, dilation: Geometry, groups: int, output_mask) -> tuple[Tensor | None, ...]:
+def splora_conv_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, stride: Geometry, padding: Geometry,
+                         dilation: Geometry, groups: int, scale: float, output_mask) -> tuple[Tensor | None, ...]:
     """Gradients of (x, weight, lora_a, lora_b, bias); ``None`` where not asked for."""
     need_x, need_w, need_a, need_b, need_bias = output_mask
     need_a, need_b = need_a and lora_a is not None, need_b and lora_a is not None

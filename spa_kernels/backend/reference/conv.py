@@ -29,25 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..._geometry import conv_output_spatial
+from . import conv_grouped
 from .linear import _scatter, _take
-
-Geometry = tuple[int, ...]
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
-_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
-
-
-def _centre(weight: Tensor) -> tuple:
-    """Index of the centre tap: ``weight[_centre(weight)]`` is ``(C_out, C_in/groups)``."""
-    return (slice(None), slice(None), *(k // 2 for k in weight.shape[2:]))
-
-
-def _output_spatial(x: Tensor, weight: Tensor, stride: Geometry, padding: Geometry, dilation: Geometry) -> list[int]:
-    return [
-        (size + 2 * pad - dil * (k - 1) - 1) // st + 1
-        for size, k, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True)
-    ]
+from .torch_conv import CONV, CONV_INPUT_GRAD, CONV_WEIGHT_GRAD, Geometry, broadcast, centre_tap
 
 
 def centre_tap_input(
@@ -67,13 +52,6 @@ def centre_tap_input(
     return shifted[(slice(None), slice(None), *(slice(0, n * st, st) for n, st in zip(out_spatial, stride, strict=True)))]
 
 
-def _broadcast(mask: Tensor, ndim: int, dim: int = 0) -> Tensor:
-    """``mask`` viewed to broadcast along dimension ``dim`` of an ``ndim``-D tensor."""
-    shape = [1] * ndim
-    shape[dim] = -1
-    return mask.view(shape)
-
-
 # --------------------------------------------------------------------------- groups == 1: active block
 
 
@@ -81,7 +59,7 @@ def _active_effective_weight(weight, centre_os, in_idx, out_idx) -> Tensor:
     """``W_OS`` with ``centre_os`` added at the centre tap: the active block only, never full size."""
     w_eff = _take(_take(weight, 0, out_idx), 1, in_idx).clone()
     if centre_os is not None:
-        w_eff[_centre(w_eff)] += centre_os
+        w_eff[centre_tap(w_eff)] += centre_os
     return w_eff
 
 
@@ -89,7 +67,7 @@ def _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding
     """``y`` for groups 1 from the active block; ``centre_os`` (|O|, |S|) is the centre-tap adapter term."""
     d = x.dim() - 2
     out_channels = weight.shape[0]
-    out_shape = [x.shape[0], out_channels, *_output_spatial(x, weight, stride, padding, dilation)]
+    out_shape = [x.shape[0], out_channels, *conv_output_spatial(x, weight, stride, padding, dilation)]
     n_in = x.shape[1] if in_idx is None else in_idx.numel()
     n_out = out_channels if out_idx is None else out_idx.numel()
     if n_out == 0:
@@ -98,10 +76,10 @@ def _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding
     if n_in == 0:  # every input pruned: only the bias of the active outputs remains
         y_o = x.new_zeros([out_shape[0], n_out, *out_shape[2:]])
         if bias_o is not None:
-            y_o += _broadcast(bias_o, y_o.dim(), 1)
+            y_o += broadcast(bias_o, y_o.dim(), 1)
     else:
         w_eff = _active_effective_weight(weight, centre_os, in_idx, out_idx)
-        y_o = _CONV[d](_take(x, 1, in_idx), w_eff, bias_o, stride, padding, dilation)
+        y_o = CONV[d](_take(x, 1, in_idx), w_eff, bias_o, stride, padding, dilation)
     return _scatter(y_o, 1, out_idx, out_channels)
 
 
@@ -124,11 +102,11 @@ def _active_backward(grad_out, x, weight, centre_os, in_idx, out_idx, stride, pa
     x_s = _take(x, 1, in_idx)
     if need_x:
         w_eff = _active_effective_weight(weight, centre_os, in_idx, out_idx)
-        dx_s = _CONV_INPUT_GRAD[d](x_s.shape, w_eff, dy_o, stride, padding, dilation)
+        dx_s = CONV_INPUT_GRAD[d](x_s.shape, w_eff, dy_o, stride, padding, dilation)
         grad_x = _scatter(dx_s, 1, in_idx, in_channels)
     if need_w:
         block_shape = (dy_o.shape[1], x_s.shape[1], *weight.shape[2:])
-        dw_os = _CONV_WEIGHT_GRAD[d](x_s, block_shape, dy_o, stride, padding, dilation)
+        dw_os = CONV_WEIGHT_GRAD[d](x_s, block_shape, dy_o, stride, padding, dilation)
         grad_w = _scatter(_scatter(dw_os, 1, in_idx, in_channels), 0, out_idx, out_channels)
     if need_centre_input:
         x_c = centre_tap_input(x_s, tuple(weight.shape[2:]), stride, padding, dilation, list(dy_o.shape[2:]))
@@ -161,15 +139,15 @@ def splora_conv_forward(
     bias: Tensor | None,
     in_idx: Tensor | None,
     out_idx: Tensor | None,
-    scale: float,
     stride: Geometry,
     padding: Geometry,
     dilation: Geometry,
     groups: int,
+    scale: float,
 ) -> Tensor:
     if groups != 1:
-        return conv_grouped.splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, stride,
-                                                padding, dilation, groups)
+        return conv_grouped.splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding,
+                                                dilation, groups, scale)
     centre_os = None
     if lora_a is not None:  # s·B_O A_S: the active block of the adapter, never the full (out, in) product
         centre_os = scale * (_take(lora_b, 0, out_idx) @ _take(lora_a, 1, in_idx))
@@ -184,11 +162,11 @@ def splora_conv_backward(
     lora_b: Tensor | None,
     in_idx: Tensor | None,
     out_idx: Tensor | None,
-    scale: float,
     stride: Geometry,
     padding: Geometry,
     dilation: Geometry,
     groups: int,
+    scale: float,
     output_mask: tuple[bool, bool, bool, bool, bool],
 ) -> tuple[Tensor | None, ...]:
     """Gradients of (x, weight, lora_a, lora_b, bias); ``None`` where not asked for."""
@@ -196,8 +174,8 @@ def splora_conv_backward(
     has_lora = lora_a is not None
     need_a, need_b = need_a and has_lora, need_b and has_lora
     if groups != 1:
-        return conv_grouped.splora_conv_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, stride,
-                                                 padding, dilation, groups, output_mask)
+        return conv_grouped.splora_conv_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, stride,
+                                                 padding, dilation, groups, scale, output_mask)
     out_channels = weight.shape[0]
     a_s = _take(lora_a, 1, in_idx) if has_lora else None
     b_o = _take(lora_b, 0, out_idx) if has_lora else None
@@ -280,6 +258,3 @@ def sppara_conv_backward(
         grad_bias = _bias_grad(dy_o, out_idx, out_channels)
     return grad_x, grad_w, grad_p, grad_bias
 
-
-# At the bottom: conv_grouped imports the helpers above.
-from . import conv_grouped  # noqa: E402

@@ -36,16 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .conv import (
-    ConvShape,
-    as_5d,
-    check_conv_operands,
-    conv_rank_product,
-    conv_shape,
-    implicit_gemm,
-    in_bounds,
-    split_rows,
-)
+from .conv import conv_rank_product, implicit_gemm, in_bounds, split_rows
+from .conv_geometry import ConvShape, as_5d, check_conv_operands, conv_shape
 from .linear import (
     GROUP_M,
     INTERPRETED,
@@ -282,15 +274,14 @@ def _backward(
     adapter: Tensor | None,
     in_idx: Tensor | None,
     out_idx: Tensor | None,
-    scale: float,
     stride: tuple[int, ...],
     padding: tuple[int, ...],
     dilation: tuple[int, ...],
-    groups: int,
+    scale: float,
     need: dict[str, bool],
 ) -> dict[str, Tensor | None]:
     """Gradients named in ``need`` (x, weight, lora_a, lora_b, adapter, bias); see the module docstring."""
-    check_conv_operands(x, weight, {"lora_a": lora_a, "lora_b": lora_b, "adapter": adapter}, groups)
+    check_conv_operands(x, weight, {"lora_a": lora_a, "lora_b": lora_b, "adapter": adapter})
     shape = conv_shape(x, weight, stride, padding, dilation)
     out_channels, in_channels = weight.shape[:2]
     expected = (shape.batch, out_channels, *shape.out_size[3 - shape.dims:])
@@ -365,18 +356,18 @@ def splora_conv_backward(
     lora_b: Tensor | None,
     in_idx: Tensor | None,
     out_idx: Tensor | None,
-    scale: float,
     stride: tuple[int, ...],
     padding: tuple[int, ...],
     dilation: tuple[int, ...],
     groups: int,
+    scale: float,
     output_mask: tuple[bool, bool, bool, bool, bool],
 ) -> tuple[Tensor | None, ...]:
     """Gradients of (x, weight, lora_a, lora_b, bias); ``None`` where ``output_mask`` is False."""
     names = ("x", "weight", "lora_a", "lora_b", "bias")
     need = {name: bool(m) for name, m in zip(names, output_mask, strict=True)}
-    grads = _backward(grad_out, x, weight, lora_a, lora_b, None, in_idx, out_idx, scale,
-                      stride, padding, dilation, groups, need)
+    grads = _backward(grad_out, x, weight, lora_a, lora_b, None, in_idx, out_idx,
+                      stride, padding, dilation, scale, need)
     return tuple(grads[name] for name in names)
 
 
@@ -398,6 +389,6 @@ def sppara_conv_backward(
         raise ValueError("sppara_conv_backward needs an adapter (C_out, C_in)")
     names = ("x", "weight", "adapter", "bias")
     need = {name: bool(m) for name, m in zip(names, output_mask, strict=True)}
-    grads = _backward(grad_out, x, weight, None, None, adapter, in_idx, out_idx, 1.0,
-                      stride, padding, dilation, groups, need)
+    grads = _backward(grad_out, x, weight, None, None, adapter, in_idx, out_idx,
+                      stride, padding, dilation, 1.0, need)
     return tuple(grads[name] for name in names)

@@ -1,0 +1,63 @@
+"""The ``cpu`` backend: fused C++ kernels from ``csrc/cpu`` (OpenMP, AVX-512/AVX2).
+
+Registered only when the compiled extension ``spa_kernels._C`` imports; the
+package works without it (auto selection then falls back to the reference).
+``linear.py`` and ``conv.py`` are the Python side of the extension's ops.
+"""
+
+from __future__ import annotations
+
+from ... import _extension
+from ..._validation import SUPPORTED_DTYPES
+from .. import Backend, Capabilities, register_backend
+from . import conv, linear
+from .conv import splora_conv_backward, splora_conv_forward, sppara_conv_backward, sppara_conv_forward
+from .linear import splora_linear_backward, splora_linear_forward
+
+name = "cpu"
+CAPABILITIES = Capabilities(devices=("cpu",), dtypes=SUPPORTED_DTYPES)
+
+BUILT = _extension.BUILT
+BUILD_ERROR = _extension.BUILD_ERROR
+
+
+def is_available(device_type: str, dtype=None) -> bool:
+    """Whether the kernels are built and can run ``device_type`` tensors of ``dtype`` (None: any dtype)."""
+    return BUILT and CAPABILITIES.runs(device_type, dtype)
+
+
+def isa() -> str:
+    """Instruction set the kernels dispatch to: ``"avx512"``, ``"avx2"`` or ``"generic"``."""
+    return _extension.extension.cpu_isa() if BUILT else "unavailable"
+
+
+def set_isa(isa_name: str) -> None:
+    """Force an instruction set (for tests); only ones this CPU supports are accepted."""
+    if not BUILT:
+        raise RuntimeError(f"the cpu backend is not built: {BUILD_ERROR}")
+    _extension.extension.set_cpu_isa(isa_name)
+
+
+def supported_isas() -> list[str]:
+    return list(_extension.extension.supported_cpu_isas()) if BUILT else []
+
+
+if BUILT:
+    register_backend(Backend(name, CAPABILITIES, kernels=(linear, conv)))
+
+__all__ = [
+    "BUILD_ERROR",
+    "BUILT",
+    "CAPABILITIES",
+    "is_available",
+    "isa",
+    "name",
+    "set_isa",
+    "splora_conv_backward",
+    "splora_conv_forward",
+    "splora_linear_backward",
+    "splora_linear_forward",
+    "sppara_conv_backward",
+    "sppara_conv_forward",
+    "supported_isas",
+]

@@ -1,0 +1,18 @@
+"""SPLoRA linear on the compiled extension (``torch.ops.spa_kernels_cpu.splora_linear_*``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def splora_linear_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale) -> Tensor:
+    return torch.ops.spa_kernels_cpu.splora_linear_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale)
+
+
+def splora_linear_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, output_mask):
+    return tuple(
+        torch.ops.spa_kernels_cpu.splora_linear_backward(
+            grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, list(output_mask)
+        )
+    )

@@ -1,0 +1,20 @@
+"""The op layer: ``torch.ops.spa_kernels.*``, one file per op family.
+
+``library.py`` holds the ``torch.library.Library`` and the helpers the families
+share; ``linear.py`` and ``conv.py`` each define their ops' schemas, fake
+kernels and autograd.  Importing this package registers every op.  The ops
+take an already-validated call and an already-resolved backend name; the
+functional layer does both.
+"""
+
+from .conv import splora_conv, splora_conv_backward, sppara_conv, sppara_conv_backward
+from .linear import splora_linear, splora_linear_backward
+
+__all__ = [
+    "splora_conv",
+    "splora_conv_backward",
+    "splora_linear",
+    "splora_linear_backward",
+    "sppara_conv",
+    "sppara_conv_backward",
+]

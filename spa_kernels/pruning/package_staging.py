@@ -1,0 +1,190 @@
+"""Staging a parsed task package against a model: every check before the first write.
+
+:func:`stage` turns a package's header and payload into a :class:`Plan` of
+writes on the model's device and dtype, or raises ``ValueError`` naming what
+does not fit; ``load_task`` applies the plan only once it is complete, so a bad
+package leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..nn import ChannelMasked
+from ._layers import spa_layers
+from .package_format import (
+    DTYPES,
+    Malformed,
+    decode_bits,
+    decode_tensor,
+    expect,
+    inside,
+    layer_description,
+    metadata_modules,
+    selects_columns,
+)
+
+
+@dataclass
+class _Write:
+    """``target`` becomes zero except at ``rows`` × ``columns`` (``None``: all), which take ``value``."""
+
+    target: Tensor
+    value: Tensor  # on the target's device, in its dtype
+    rows: Tensor | None
+    columns: Tensor | None
+
+    def apply(self) -> None:
+        if self.rows is None and self.columns is None:
+            self.target.copy_(self.value)
+            return
+        self.target.zero_()
+        if self.rows is None:
+            self.target.index_copy_(1, self.columns, self.value)
+        elif self.columns is None:
+            self.target.index_copy_(0, self.rows, self.value)
+        else:
+            self.target[self.rows.unsqueeze(1), self.columns] = self.value
+
+
+@dataclass
+class _StagedLayer:
+    """Masks and stored entries of one SPA layer, checked and ready to be written."""
+
+    layer: ChannelMasked
+    in_mask: Tensor
+    out_mask: Tensor
+    writes: list[_Write]
+
+    def apply(self) -> None:
+        self.layer.set_masks(self.in_mask, self.out_mask)
+        for write in self.writes:
+            write.apply()
+
+
+@dataclass
+class Plan:
+    layers: list[_StagedLayer]
+    modules: list[tuple[nn.Module, dict[str, Tensor]]]
+    metadata: dict[str, dict[str, int]]
+
+
+def stage(model: nn.Module, header: dict, data: bytearray, start: int, where: str) -> Plan:
+    try:
+        return _stage_checked(model, header, data, start)
+    except Malformed as error:
+        raise ValueError(f"task package {where} does not fit the model: {error}") from None
+
+
+def _check_names(kind: str, in_package: list[str], in_model: list[str]) -> None:
+    missing = [name for name in in_package if name not in in_model]
+    extra = [name for name in in_model if name not in in_package]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"the model lacks {missing[:4]}" + (" …" if len(missing) > 4 else ""))
+        if extra:
+            parts.append(f"the package lacks {extra[:4]}" + (" …" if len(extra) > 4 else ""))
+        raise Malformed(f"its {kind} differ from the model's ({'; '.join(parts)}): another architecture?")
+
+
+def _stage_checked(model: nn.Module, header: dict, data: bytearray, start: int) -> Plan:
+    owned = [record["name"] for record in header["modules"]]
+    owned_modules = {}
+    for name in owned:
+        try:
+            owned_modules[name] = model.get_submodule(name)
+        except AttributeError:
+            raise Malformed(f"the model has no module {name!r}, which the package holds as task-specific") from None
+    model_layers = {
+        name: layer for name, layer in spa_layers(model).items() if not any(inside(name, outer) for outer in owned)
+    }
+    _check_names("SPA layers", [record["name"] for record in header["layers"]], list(model_layers))
+    model_metadata = metadata_modules(model)
+    _check_names("modules with task metadata", list(header["metadata"]), list(model_metadata))
+    for name in header["metadata"]:
+        expect(callable(getattr(model_metadata[name], "load_task_metadata", None)),
+                f"module {name!r} defines task_metadata but not load_task_metadata")
+    layers = [_stage_layer(model_layers[record["name"]], record, data, start) for record in header["layers"]]
+    modules = [_stage_module(owned_modules[record["name"]], record, data, start) for record in header["modules"]]
+    return Plan(layers, modules, header["metadata"])
+
+
+def _stage_layer(layer: ChannelMasked, record: dict, data: bytearray, start: int) -> _StagedLayer:
+    name = record["name"]
+    description = layer_description(name, layer)
+    for key, value in description.items():
+        expect(record.get(key) == value,
+                f"layer {name!r}: {key} is {record.get(key)!r} in the package, {value!r} in the model")
+    tensors = record["tensors"]
+    in_mask = decode_bits(data, start, tensors["in_mask"], f"layer {name!r} in_mask")
+    out_mask = decode_bits(data, start, tensors["out_mask"], f"layer {name!r} out_mask")
+    expect(in_mask.size == description["in"] and out_mask.size == description["out"],
+            f"layer {name!r}: mask lengths {in_mask.size}, {out_mask.size} for "
+            f"{description['in']} inputs, {description['out']} outputs")
+    in_idx, out_idx = np.flatnonzero(in_mask), np.flatnonzero(out_mask)
+    expect(record["active_in"] == in_idx.size and record["active_out"] == out_idx.size,
+            f"layer {name!r}: active counts disagree with its masks")
+
+    device = layer.weight.device
+    on_device: dict[str, Tensor] = {}
+
+    def index(which: str, positions: np.ndarray) -> Tensor:
+        if which not in on_device:
+            on_device[which] = torch.from_numpy(positions).to(device)
+        return on_device[which]
+
+    # key -> (target, expected stored shape, rows, columns) with rows/columns as ("in"|"out", indices) or None
+    columns = selects_columns(description)
+    plan: dict[str, tuple[Tensor, tuple[int, ...], tuple | None, tuple | None]] = {}
+    if description["adapter"] == "low-rank":
+        rows, cols = layer.adapter.rows[0], layer.adapter.cols[0]  # A (r × in), B (out × r)
+        plan["adapter.rows"] = (rows, (rows.shape[0], in_idx.size if columns else rows.shape[1]),
+                                None, ("in", in_idx) if columns else None)
+        plan["adapter.cols"] = (cols, (out_idx.size, cols.shape[1]), ("out", out_idx), None)
+    elif description["adapter"] == "full":
+        adapter = layer.adapter
+        plan["adapter"] = (adapter, (out_idx.size, in_idx.size if columns else adapter.shape[1]),
+                           ("out", out_idx), ("in", in_idx) if columns else None)
+    if layer.bias is not None:
+        plan["bias"] = (layer.bias, (out_idx.size,), ("out", out_idx), None)
+    wanted = set(plan) | {"in_mask", "out_mask"}
+    expect(set(tensors) == wanted, f"layer {name!r} holds tensors {sorted(tensors)}, expected {sorted(wanted)}")
+
+    writes = []
+    for key, (target, shape, rows_at, columns_at) in plan.items():
+        blob = tensors[key]
+        expect(tuple(blob["shape"]) == shape, f"layer {name!r} {key}: shape {blob['shape']} in the package, "
+                                               f"{list(shape)} expected from its masks and the model")
+        expect(blob["dtype"] in DTYPES and DTYPES[blob["dtype"]].is_floating_point,
+                f"layer {name!r} {key}: dtype {blob['dtype']} is not a float dtype")
+        value = decode_tensor(data, start, blob).to(device=target.device, dtype=target.dtype)
+        writes.append(_Write(target, value,
+                             None if rows_at is None else index(*rows_at),
+                             None if columns_at is None else index(*columns_at)))
+    return _StagedLayer(layer, torch.from_numpy(in_mask), torch.from_numpy(out_mask), writes)
+
+
+def _stage_module(module: nn.Module, record: dict, data: bytearray, start: int) -> tuple[nn.Module, dict[str, Tensor]]:
+    name = record["name"]
+    expect(record.get("kind") == type(module).__name__,
+            f"task-specific module {name!r} is a {record.get('kind')} in the package, "
+            f"a {type(module).__name__} in the model")
+    current = module.state_dict()
+    tensors = record["tensors"]
+    _check_names(f"state-dict keys of {name!r}", list(tensors), list(current))
+    state = {}
+    for key, blob in tensors.items():
+        target = current[key]
+        expect(blob["dtype"] in DTYPES, f"{name!r} {key}: dtype {blob['dtype']} is not a tensor dtype")
+        dtype = DTYPES[blob["dtype"]]
+        expect(tuple(blob["shape"]) == tuple(target.shape),
+                f"{name!r} {key}: shape {blob['shape']} in the package, {list(target.shape)} in the model")
+        expect(dtype == target.dtype or (dtype.is_floating_point and target.dtype.is_floating_point),
+                f"{name!r} {key}: dtype {blob['dtype']} in the package, {target.dtype} in the model")
+        state[key] = decode_tensor(data, start, blob).to(device=target.device, dtype=target.dtype)
+    return module, state

@@ -1,0 +1,1 @@
+"""Helpers shared by the test folders: case harnesses, oracles, models."""
