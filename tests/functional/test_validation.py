@@ -17,6 +17,7 @@ import torch
 from support.linear_cases import recording_backend_calls
 
 import spa_kernels
+from spa_kernels import backend as backend_policy
 from spa_kernels.backend import cpu as cpu_backend
 
 M, IN, OUT, RANK = 4, 6, 5, 2
@@ -139,16 +140,19 @@ def test_backend_cuda_on_cpu_tensors_raises():
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-def test_backend_without_dtype_support_raises(backend):
-    """An explicitly named backend that cannot take the dtype raises; it never falls back."""
-    impl = spa_kernels.backend._REGISTRY.get(backend)
-    unsupported = [d for d in (torch.float64, torch.float16, torch.bfloat16)
-                   if impl is None or not impl.is_available("cpu", d)]
-    if not unsupported:
-        pytest.skip(f"{backend!r} runs every dtype on CPU")
-    arguments = {k: v.to(unsupported[0]) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+def test_backend_without_dtype_support_raises(backend, monkeypatch):
+    """An explicitly named backend whose capabilities exclude the dtype raises; it never falls back.
+
+    The name is registered here with float32-only capabilities (and the reference's
+    kernels), so the rule is tested whatever is built on this machine.
+    """
+    float32_only = backend_policy.Capabilities(devices=None, dtypes=(torch.float32,))
+    kernels = backend_policy.get("reference").kernels
+    monkeypatch.setitem(backend_policy._REGISTRY, backend, backend_policy.Backend(backend, float32_only, kernels))
+    call(valid_arguments(), backend=backend)  # float32 runs
+    arguments = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                  for k, v in valid_arguments().items()}
-    with recording_backend_calls() as calls, pytest.raises(ValueError, match=f"backend='{backend}'"):
+    with recording_backend_calls() as calls, pytest.raises(ValueError, match=f"backend='{backend}' cannot run"):
         call(arguments, backend=backend)
     assert calls == []
 
@@ -218,7 +222,7 @@ INDEX_LISTS = ([5], [0, 3, 9], [3, 3], [9, 2, 5], [-4, 1], [2, 1], [0, 1, 2, 7, 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_index_range_and_order_agree_on_every_path(values, dtype):
     """The compiled reader, the NumPy fallback and the one-transfer torch path (GPUs) agree."""
-    from spa_kernels import _validation
+    from spa_kernels import _extension, _validation
 
     idx = torch.tensor(values, dtype=dtype)
     expected = (min(values), max(values), all(b > a for a, b in zip(values, values[1:], strict=False)))
@@ -226,9 +230,9 @@ def test_index_range_and_order_agree_on_every_path(values, dtype):
     assert _validation._range_and_order_on_device(idx) == expected
     assert _validation._range_and_order_on_host(idx) == expected
     if cpu_backend.BUILT:  # the host path then reads through the extension
-        assert _validation._index_bounds is not None
+        assert _extension.index_bounds is not None
         strided = torch.tensor([v for v in values for _ in range(2)], dtype=dtype)[::2]
-        assert _validation._index_bounds(strided) == expected
+        assert _extension.index_bounds(strided) == expected
 
 
 @pytest.mark.skipif(not cpu_backend.BUILT, reason="the compiled extension is not built")
@@ -242,7 +246,7 @@ def test_index_range_and_order_agree_on_every_path(values, dtype):
     ids=["empty", "2-D", "float"],
 )
 def test_compiled_index_reader_refuses_what_it_cannot_read(idx, error):
-    from spa_kernels._validation import _index_bounds
+    from spa_kernels._extension import index_bounds
 
     with pytest.raises(error, match="index_bounds"):
-        _index_bounds(idx)
+        index_bounds(idx)

@@ -19,6 +19,7 @@ from support.linear_cases import (
     check_results,
     forced_isa,
     non_reference_backend_params,
+    recording_backend_calls,
     skip_unless_available,
 )
 
@@ -158,7 +159,8 @@ def test_compile_public_api_explicit_backend(backend):
     check_results(f"compiled-api[{backend}]", compiled, {k: v.double() for k, v in eager.items()}, torch.float32)
 
 
-def _compile_public_api_default_backend():
+def _compile_public_api_default_backend(expected_backend: str):
+    """Compiles ``splora_linear`` without ``backend=`` and checks that auto ran ``expected_backend``."""
     torch._dynamo.reset()
     case = build_case(LinearSpec(lead=(6,), in_features=9, out_features=7, rank=3, keep_in=None,
                                  keep_out=None, grads=GRAD_NAMES))
@@ -166,20 +168,24 @@ def _compile_public_api_default_backend():
     def fn(t):
         return spa_kernels.splora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"], scale=0.5)
 
-    eager, compiled = _eager_and_compiled(fn, case)
+    with recording_backend_calls() as calls:
+        eager, compiled = _eager_and_compiled(fn, case)
+    # eager and compiled, forward and backward: every op call on the one backend auto chose
+    assert calls and set(calls) == {expected_backend}, f"auto ran {calls}, expected {expected_backend!r} only"
     check_results("compiled-api[auto]", compiled, {k: v.double() for k, v in eager.items()}, torch.float32)
 
 
 def test_compile_public_api_default_backend(monkeypatch):
     """Auto selection (use_backend stack, environment, registry) traces without a break."""
     monkeypatch.delenv("SPA_KERNELS_BACKEND", raising=False)
-    _compile_public_api_default_backend()
+    _compile_public_api_default_backend("cpu" if "cpu" in spa_kernels.backends("cpu") else "reference")
 
 
 def test_compile_public_api_auto_fallback(monkeypatch):
+    """Without the cpu backend, the compiled auto choice falls back to the reference, and the reference runs."""
     monkeypatch.delenv("SPA_KERNELS_BACKEND", raising=False)
     monkeypatch.delitem(spa_kernels.backend._REGISTRY, "cpu", raising=False)
-    _compile_public_api_default_backend()
+    _compile_public_api_default_backend("reference")
 
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)

@@ -150,8 +150,9 @@ class ConvCase:
         """Columns of A / P active in at least one group."""
         return self.in_mask.view(self.spec.groups, -1).any(0)
 
-    def leaves(self, dtype: torch.dtype, *, via: torch.dtype | None = None) -> dict[str, Tensor | None]:
-        """Fresh leaf tensors in ``dtype`` (rounded through ``via`` first when given)."""
+    def leaves(self, dtype: torch.dtype, *, via: torch.dtype | None = None,
+               device: str = "cpu") -> dict[str, Tensor | None]:
+        """Fresh leaf tensors in ``dtype`` on ``device`` (rounded through ``via`` first when given)."""
         leaves = {}
         for name in self.spec.names:
             master = self.tensors.get(name)
@@ -159,7 +160,7 @@ class ConvCase:
                 leaves[name] = None
                 continue
             value = master.to(via).to(dtype) if via is not None else master.to(dtype)
-            leaves[name] = value.detach().clone().requires_grad_(name in self.spec.requested_grads)
+            leaves[name] = value.to(device).detach().clone().requires_grad_(name in self.spec.requested_grads)
         return leaves
 
     def presented(self, leaves: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
@@ -370,21 +371,29 @@ def call_api(spec: ConvSpec, args: dict, in_idx, out_idx, backend: str | None) -
               **geometry)
 
 
+def _on(idx: Tensor | None, device: str) -> Tensor | None:
+    return None if idx is None else idx.to(device)
+
+
+def _to_cpu(result: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+    return {name: None if value is None else value.cpu() for name, value in result.items()}
+
+
 def run_api(case: ConvCase, dtype: torch.dtype, backend: str | None,
-            expected_backend: str | None = None) -> dict[str, Tensor | None]:
-    """Forward and requested gradients through the public API.
+            expected_backend: str | None = None, device: str = "cpu") -> dict[str, Tensor | None]:
+    """Forward and requested gradients through the public API, on ``device``; results on the CPU.
 
     Also checks output shape/dtype, gradient shapes, and that the forward and
     backward op ran on ``expected_backend`` (default: ``backend``), so a silent
     fall-back cannot make the test vacuous.
     """
     spec = case.spec
-    leaves = case.leaves(dtype)
+    leaves = case.leaves(dtype, device=device)
     args = case.presented(leaves)
     names = spec.requested_grads
     with recording_backend_calls() as calls:
-        y = call_api(spec, args, case.in_idx, case.out_idx, backend)
-        result = _forward_and_grads(y, leaves, names, case.grad_output(dtype), materialize=False)
+        y = call_api(spec, args, _on(case.in_idx, device), _on(case.out_idx, device), backend)
+        result = _forward_and_grads(y, leaves, names, case.grad_output(dtype).to(device), materialize=False)
     assert y.dtype == dtype, f"output dtype {y.dtype}, expected {dtype}"
     assert tuple(y.shape) == spec.out_shape, f"output shape {tuple(y.shape)}, expected {spec.out_shape}"
     if spec.batch > 0:
@@ -396,7 +405,7 @@ def run_api(case: ConvCase, dtype: torch.dtype, backend: str | None,
         assert grad.dtype == dtype and grad.shape == leaves[name].shape, (
             f"gradient of {name}: {grad.dtype} {tuple(grad.shape)}, expected {dtype} {tuple(leaves[name].shape)}"
         )
-    return result
+    return _to_cpu(result)
 
 
 def _centre(weight: Tensor) -> tuple:
@@ -433,14 +442,15 @@ def _with_centre(weight: Tensor, centre: Tensor | None) -> Tensor:
     return weight + bump * centre.reshape(*centre.shape, *[1] * (weight.dim() - 2))
 
 
-def torch_low_precision(case: ConvCase, dtype: torch.dtype) -> dict[str, Tensor]:
-    """PyTorch's own computation in ``dtype`` (the error yardstick of low precision).
+def torch_low_precision(case: ConvCase, dtype: torch.dtype, device: str = "cpu") -> dict[str, Tensor]:
+    """PyTorch's own computation in ``dtype`` on ``device`` (the error yardstick of low precision).
 
     Groups 1: the active block (gathered channels, effective weight, conv,
-    scatter); grouped: the masked dense formula.  Everything in ``dtype``.
+    scatter); grouped: the masked dense formula.  Everything in ``dtype``;
+    the results come back on the CPU.
     """
     spec = case.spec
-    leaves = case.leaves(dtype)
+    leaves = case.leaves(dtype, device=device)
     x, weight, bias = leaves["x"], leaves["weight"], leaves["bias"]
     centre = None
     if leaves.get("adapter") is not None:
@@ -449,23 +459,25 @@ def torch_low_precision(case: ConvCase, dtype: torch.dtype) -> dict[str, Tensor]
         centre = spec.scale * (leaves["lora_b"] @ leaves["lora_a"])
     geometry = (spec.stride, spec.padding, spec.dilation, spec.groups)
     if spec.groups != 1:
-        mask = case.entry_mask.to(dtype).reshape(*weight.shape[:2], *[1] * spec.d)
-        bias_m = None if bias is None else bias * case.out_mask.to(dtype)
+        mask = case.entry_mask.to(device, dtype).reshape(*weight.shape[:2], *[1] * spec.d)
+        bias_m = None if bias is None else bias * case.out_mask.to(device, dtype)
         y = _CONV[spec.d](x, _with_centre(weight, centre) * mask, bias_m, *geometry)
     else:
         in_idx = torch.arange(spec.in_channels) if case.in_idx is None else case.in_idx.long()
         out_idx = torch.arange(spec.out_channels) if case.out_idx is None else case.out_idx.long()
+        in_idx, out_idx = in_idx.to(device), out_idx.to(device)
         w_os = weight.index_select(0, out_idx).index_select(1, in_idx)
         centre_os = None if centre is None else centre.index_select(0, out_idx).index_select(1, in_idx)
         bias_o = None if bias is None else bias.index_select(0, out_idx)
         if len(in_idx) and len(out_idx):
             y_o = _CONV[spec.d](x.index_select(1, in_idx), _with_centre(w_os, centre_os), bias_o, *geometry)
         else:  # an empty channel set: the bias of the active outputs only
-            y_o = torch.zeros(spec.batch, len(out_idx), *spec.out_spatial, dtype=dtype)
+            y_o = torch.zeros(spec.batch, len(out_idx), *spec.out_spatial, dtype=dtype, device=device)
             if bias_o is not None:
                 y_o = y_o + bias_o.reshape(-1, *[1] * spec.d)
-        y = torch.zeros(spec.out_shape, dtype=dtype).index_copy(1, out_idx, y_o)
-    return _forward_and_grads(y, leaves, spec.requested_grads, case.grad_output(dtype), materialize=True)
+        y = torch.zeros(spec.out_shape, dtype=dtype, device=device).index_copy(1, out_idx, y_o)
+    grad_out = case.grad_output(dtype).to(device)
+    return _to_cpu(_forward_and_grads(y, leaves, spec.requested_grads, grad_out, materialize=True))
 
 
 # --------------------------------------------------------------------------- pruned entries
@@ -520,7 +532,7 @@ def poison_pruned(case: ConvCase, value: float = float("nan")) -> ConvCase:
 
 
 def implements(backend: str, op: str) -> bool:
-    return hasattr(backend_policy.get(backend), f"{op}_forward") and hasattr(backend_policy.get(backend), f"{op}_backward")
+    return backend_policy.get(backend).implements(op)
 
 
 def conv_backend_params(op: str) -> list:
