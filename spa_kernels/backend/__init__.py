@@ -183,10 +183,10 @@ def check_groups(name: str, groups: int) -> None:
 
 def check_runs(name: str, device_type: str, dtype: torch.dtype, op: str, groups: int = 1) -> Backend:
     """The backend ``name``, after checking that it can run ``op`` here; otherwise a ``ValueError`` saying why."""
+    check_groups(name, groups)  # first: a grouped call fails the same way whether the backend is built or not
     impl = _REGISTRY.get(name)
     if impl is None:
         raise ValueError(_not_registered(name))
-    check_groups(name, groups)
     if not impl.is_available(device_type, dtype):
         raise ValueError(
             f"backend={name!r} cannot run on {device_type} tensors of {dtype} "

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd
 
-from ..backend import check_name
+from ..backend import check_groups, check_name
 from .channel_masked import ChannelMasked
 
 DEFAULT_INIT_RANGE = 1e-4
@@ -108,9 +108,8 @@ class AdaptedConvNd(ChannelMasked):
             )
         self.weight.requires_grad_(False)
         self.backend = None if backend is None else check_name(backend)
-        if self.groups != 1 and self.backend not in (None, "auto", "reference"):
-            raise ValueError(f"backend={self.backend!r} cannot run groups={self.groups}: grouped and depthwise "
-                             "convolutions run on the reference backend only (use backend=None)")
+        if self.backend not in (None, "auto"):
+            check_groups(self.backend, self.groups)  # fail at construction, not at the first forward
         self._init_masks(in_channels, out_channels, self.weight.device)
 
     # ------------------------------------------------------------------ adapter hooks

@@ -84,9 +84,10 @@ def run_without_interpreter(test_file: str, call: str) -> subprocess.CompletedPr
     Triton decides at import whether kernels are interpreted, so compiling them
     for a GPU needs a process that never set the switch.
     """
-    tests = pathlib.Path(test_file).resolve().parent
+    folder = pathlib.Path(test_file).resolve().parent
+    tests = pathlib.Path(__file__).resolve().parents[1]  # holds the support package
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), str(folder), env.get("PYTHONPATH", "")])
     code = f"import {pathlib.Path(test_file).stem} as t; t.{call}"
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=tests, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=folder, capture_output=True, text=True,
                           timeout=600)
