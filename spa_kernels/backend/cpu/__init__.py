@@ -21,11 +21,6 @@ BUILT = _extension.BUILT
 BUILD_ERROR = _extension.BUILD_ERROR
 
 
-def is_available(device_type: str, dtype=None) -> bool:
-    """Whether the kernels are built and can run ``device_type`` tensors of ``dtype`` (None: any dtype)."""
-    return BUILT and CAPABILITIES.runs(device_type, dtype)
-
-
 def isa() -> str:
     """Instruction set the kernels dispatch to: ``"avx512"``, ``"avx2"`` or ``"generic"``."""
     return _extension.extension.cpu_isa() if BUILT else "unavailable"
@@ -49,7 +44,6 @@ __all__ = [
     "BUILD_ERROR",
     "BUILT",
     "CAPABILITIES",
-    "is_available",
     "isa",
     "name",
     "set_isa",
