@@ -9,7 +9,6 @@ Layers, each a folder: ``functional`` (public functions) -> ``ops`` (the
 registers it; the ones below are imported here.
 """
 
-# Importing a backend package registers it with the policy in ``backend``.
 from . import nn, ops, pruning  # noqa: F401  (ops: importing it registers torch.ops.spa_kernels.*)
 from .backend import backends, use_backend
 from .backend import cpu as _cpu_backend  # noqa: F401  (registers itself when the extension is built)
