@@ -101,9 +101,9 @@ def test_masked_grouped_formulation_with_one_group_equals_active_block(kind):
     for module in (reference_conv, conv_grouped):
         if kind == "splora":
             y = module.splora_conv_forward(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"], in_idx,
-                                           out_idx, 0.5, *geometry)
+                                           out_idx, *geometry, 0.5)
             grads = module.splora_conv_backward(case.grad_out, t["x"], t["weight"], t["lora_a"], t["lora_b"],
-                                                in_idx, out_idx, 0.5, *geometry, (True,) * 5)
+                                                in_idx, out_idx, *geometry, 0.5, (True,) * 5)
         else:
             y = module.sppara_conv_forward(t["x"], t["weight"], t["adapter"], t["bias"], in_idx, out_idx, *geometry)
             grads = module.sppara_conv_backward(case.grad_out, t["x"], t["weight"], t["adapter"], in_idx, out_idx,
