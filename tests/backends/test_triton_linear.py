@@ -6,10 +6,11 @@ Triton), so shapes stay small: at most 40 rows and 48 channels, which already
 spans several 16-wide interpreter tiles with ragged tails.  Tests on CUDA
 tensors use bigger shapes and skip themselves without a GPU.
 
-Tolerances (docs/design.md section 6), each against a float64 computation of the
-same rounded inputs: float32 within 1e-4 of the largest value; bfloat16 and
-float16 at most twice the error of PyTorch's own computation in that dtype
-(the reference backend run in it), plus one ulp of the largest value.
+Tolerances: the one rule of ``support.linear_cases.check_results``, against a
+float64 computation of the same rounded inputs: float32 within 1e-4 of the
+largest value; bfloat16 and float16 at most twice the error of PyTorch's own
+computation in that dtype (the reference backend run in it), plus a quarter ulp
+of the largest value.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.linear_cases import LOW_PRECISION, check_results
 from support.triton_support import (
     compile_for_gpu,
     has_nvidia_compiler,
-    max_error,
     random_indices,
     run_without_interpreter,
 )
@@ -126,24 +127,18 @@ def run(case: Case, backend: str, dtype: torch.dtype) -> dict[str, Tensor]:
 
 
 def check(case: Case, dtype: torch.dtype) -> None:
-    """Triton in ``dtype`` against the float64 reference; low precision measured against PyTorch's."""
+    """Triton in ``dtype`` against the float64 reference, with the tolerance rule of ``support.linear_cases``.
+
+    Low precision: the yardstick is PyTorch's own computation in ``dtype`` (the
+    reference backend run in it).
+    """
     got = run(case, "triton", dtype)
     exact = run(case, "reference", torch.float64)
-    yardstick = run(case, "reference", dtype) if dtype != torch.float32 else None
-    assert got.keys() == exact.keys()
-    failures = []
-    for key, expected in exact.items():
-        largest = float(expected.abs().max()) if expected.numel() else 0.0
-        if yardstick is None:
-            tolerance = 1e-4 * largest
-        else:
-            torch_error, _ = max_error(yardstick[key], expected)
-            tolerance = 2 * torch_error + torch.finfo(dtype).eps * largest
-        error, report = max_error(got[key], expected)
-        print(f"{dtype} {key}: {report}; tolerance {tolerance:.3e}")
-        if not error <= tolerance:
-            failures.append(f"{key}: {report} exceeds {tolerance:.3e}")
-    failures += _pruned_entries_not_zero(case, got)
+    yardstick = run(case, "reference", dtype) if dtype in LOW_PRECISION else None
+    check_results("triton", {key: value.cpu() for key, value in got.items()},
+                  {key: value.cpu() for key, value in exact.items()}, dtype,
+                  None if yardstick is None else {key: value.cpu() for key, value in yardstick.items()})
+    failures = _pruned_entries_not_zero(case, got)
     assert not failures, "\n".join(failures)
 
 
@@ -286,7 +281,7 @@ def test_frozen_weight_costs_no_weight_gradient_work(monkeypatch):
 @needs_interpreter
 def test_kernels_never_touch_inactive_outputs():
     """The gathered matmul writes active columns only: NaN elsewhere stays NaN."""
-    from spa_kernels.triton.linear import gathered_matmul
+    from spa_kernels.backend.triton.linear import gathered_matmul
 
     case = make_case(Spec(rows=20, in_features=35, out_features=37, keep_in=0.3, keep_out=0.3), torch.float32)
     t = case.tensors
