@@ -6,9 +6,7 @@ import re
 
 import torch
 
-import spa_kernels
-
-from . import Progress, RunConfig
+from . import Progress, RunConfig, cpu_backend
 from .anchors import COMPACTED, DENSE_MASKED, SP_ADAPTERS, check_contender, spa_kernels_name
 from .conv_anchors import (
     DENSE_CONV_LORA,
@@ -80,15 +78,15 @@ def backend_notes(device: torch.device, backends: list[str], op: str) -> list[st
     """Which spa_kernels backends the suite times, and a red line when the fused cpu one is missing."""
     notes = []
     if device.type == "cpu" and "cpu" not in backends:
-        if not spa_kernels.cpu.BUILT:
-            reason = f"the cpu backend is NOT BUILT ({spa_kernels.cpu.BUILD_ERROR}); run `make build`"
+        if not cpu_backend.built():
+            reason = f"the cpu backend is NOT BUILT ({cpu_backend.build_error()}); run `make build`"
         else:
             reason = f"the cpu backend does not implement {op} (rebuild with `make build`?)"
         notes.append(f"WARNING: {reason}; no fused kernel is timed for {op}.")
     for name in backends:
         description = BACKEND_DESCRIPTIONS.get(name, name)
         if name == "cpu":
-            description += f", ISA {spa_kernels.cpu.isa()}"
+            description += f", ISA {cpu_backend.isa()}"
         notes.append(f"{op}: {spa_kernels_name(name)}: {description}.")
     if backends:
         notes.append(f"{op}: spa (in ratios) = {spa_kernels_name(backends[0])}.")

@@ -9,7 +9,7 @@ import torch
 
 import spa_kernels
 
-from . import Progress, RunConfig
+from . import Progress, RunConfig, cpu_backend
 from .anchors import (
     COMPACTED,
     DENSE_LORA,
@@ -188,7 +188,7 @@ class LinearSuite:
     def _backend_notes(device: torch.device, backends: list[str]) -> list[str]:
         notes = []
         if device.type == "cpu" and "cpu" not in backends:
-            reason = spa_kernels.cpu.BUILD_ERROR or "not registered"
+            reason = cpu_backend.build_error() or "not registered"
             notes.append(
                 "WARNING: the spa_kernels cpu backend is NOT BUILT "
                 f"({reason}); the spa columns show the reference backend. Run `make build`."
@@ -196,7 +196,7 @@ class LinearSuite:
         for name in backends:
             description = BACKEND_DESCRIPTIONS.get(name, name)
             if name == "cpu":
-                description += f", ISA {spa_kernels.cpu.isa()}"
+                description += f", ISA {cpu_backend.isa()}"
             notes.append(f"{spa_kernels_name(name)}: {description}.")
         notes.append(f"spa (in ratios) = {spa_kernels_name(backends[0])}.")
         if device.type != "cpu":

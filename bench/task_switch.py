@@ -47,8 +47,8 @@ import torch
 from torch import Tensor, nn
 
 import spa_kernels
-from spa_kernels.pruning._layers import spa_layers
-from spa_kernels.pruning.package import _byte_planes, load_task, save_task, task_size
+from spa_kernels.pruning import load_task, save_task, task_size
+from spa_kernels.pruning.package import _byte_planes
 
 from . import Progress, RunConfig
 from .anchors import ContenderMismatch, tolerance
@@ -89,6 +89,11 @@ class QuantityTarget(TargetResult):
 
 
 # --------------------------------------------------------------------------- building the tasks
+
+
+def spa_layers(model: nn.Module) -> dict[str, spa_kernels.nn.ChannelMasked]:
+    """Every SPA layer of ``model`` by qualified name, in ``named_modules`` order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, spa_kernels.nn.ChannelMasked)}
 
 
 def task_model(base: nn.Module, shape: NetworkShape, rank: int, seed: int) -> tuple[nn.Module, Masks]:
