@@ -56,12 +56,18 @@ def add_best_dense(times: dict[str, Measurement], candidates: tuple[str, ...]) -
     if not measured:
         return
     best, name = min(measured, key=lambda entry: entry[0].median_ms)
+    short = name.removeprefix("compacted ") if name != "compacted" else name  # the table is wide already
     times[BEST_DENSE] = BestDense(best.median_ms, best.p20_ms, best.p80_ms, best.runs, best.inner,
-                                  source=f"[{name}]")
+                                  source=f"[{short}]")
 
 
 def gflops(flops: float, measurement: Measurement) -> float:
     return flops / (measurement.median_ms * 1e-3) / 1e9
+
+
+def format_gflops(value: float) -> str:
+    """Three significant digits, no exponent: 412, 41.2, 4.12, 0.412."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def throughput_table(title: str, by_keep: dict[float, dict[str, Measurement]], flops_by_keep: dict[float, float],
@@ -75,15 +81,16 @@ def throughput_table(title: str, by_keep: dict[float, dict[str, Measurement]], f
     for keep, times in sorted(by_keep.items(), reverse=True):
         flops = flops_by_keep[keep]
         cells = [format_keep(keep), f"{flops / 1e9:.3g}"]
-        cells += [f"{gflops(flops, times[name]):.0f}" if name in times else "—" for name in names]
+        cells += [format_gflops(gflops(flops, times[name])) if name in times else "—" for name in names]
         best = times.get(BEST_DENSE)
         spa = times.get(primary) if primary is not None else None
-        cells.append("—" if best is None else f"{gflops(flops, best):.0f} {getattr(best, 'source', '')}".strip())
+        cells.append("—" if best is None else f"{format_gflops(gflops(flops, best))} {getattr(best, 'source', '')}".strip())
         cells.append("—" if best is None or spa is None else format_ratio(best.median_ms / spa.median_ms))
         rows.append(cells)
     notes = [
         "GFLOP/s on the active FLOPs (bench/throughput.py), the same count for every column; "
-        f"{BEST_DENSE} = the fastest dense implementation of the compacted layer in this row (named in brackets); "
+        f"{BEST_DENSE} = the fastest dense implementation of the compacted layer in this row (named in brackets: "
+        "compacted, or the compacted variant); "
         "spa GFLOP/s ÷ best dense = spa's GFLOP/s as a fraction of it (1.0: as fast as the best dense GEMM on the "
         "compacted operands, with no compaction to pay)."
     ]
