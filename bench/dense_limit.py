@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -54,7 +55,7 @@ NO_ONEDNN_CONV = "compacted no-oneDNN"
 # Read by OpenBLAS when it loads: removed from the worker's environment only.
 OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 WORKER = Path(__file__).resolve().parent / "openblas_worker.py"
-WORKER_TIMEOUT_S = 600
+WORKER_TIMEOUT_S = 600  # per problem: both checks and both modes' samples take seconds
 
 
 def _compacted_linear_operands(p: LinearProblem) -> tuple[Tensor, ...]:
@@ -113,6 +114,17 @@ def onednn_linear_contender(p: LinearProblem) -> Contender:
     return Contender(ONEDNN_LINEAR, forward, train_step, compact=True)
 
 
+def linear_dense_notes(device: torch.device) -> list[str]:
+    """What runs the in-process linear candidates (CPU)."""
+    if device.type != "cpu":
+        return []
+    blas = "MKL" if torch.backends.mkl.is_available() else "not MKL (this PyTorch is built without it)"
+    notes = [f"compacted: F.linear through PyTorch's BLAS, {blas}."]
+    if not onednn_linear_available(device):
+        notes.append(f"{ONEDNN_LINEAR}: not measured (oneDNN's linear primitive is not available in this PyTorch).")
+    return notes
+
+
 # --------------------------------------------------------------------------- OpenBLAS linear (other process)
 
 
@@ -169,6 +181,9 @@ class OpenBLASLinear:
         command = [sys.executable, str(WORKER), work, str(self.threads), json.dumps(asdict(self.budget))]
         with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=self._environment()) as worker:
+            # A stuck worker is killed, which ends the reads below with a clear error.
+            watchdog = threading.Timer(WORKER_TIMEOUT_S, worker.kill)
+            watchdog.start()
             try:
                 ready = self._read(worker)
                 if not ready.get("ready"):
@@ -188,6 +203,7 @@ class OpenBLASLinear:
                 worker.stdin.flush()
                 timed = self._read(worker)
             finally:
+                watchdog.cancel()
                 if worker.poll() is None:
                     try:
                         worker.communicate(timeout=WORKER_TIMEOUT_S)

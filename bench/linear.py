@@ -26,6 +26,7 @@ from .dense_limit import (
     ONEDNN_LINEAR,
     OPENBLAS_LINEAR,
     OpenBLASLinear,
+    linear_dense_notes,
     onednn_linear_available,
     onednn_linear_contender,
 )
@@ -140,7 +141,7 @@ class LinearSuite:
                         f"WARNING: evaluated on {primary} because the cpu backend is not built; "
                         "these say nothing about the fused kernels."
                     )
-        report.notes += openblas.notes
+        report.notes += linear_dense_notes(config.device) + openblas.notes
         if config.device.type != "cpu":
             report.notes.append("The performance targets are CPU targets; they are not evaluated on this device.")
         return report
