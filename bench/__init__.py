@@ -1,4 +1,4 @@
-"""Benchmarks of spa_kernels against the anchors of DESIGN.md section 7.
+"""Benchmarks of spa_kernels against the anchors that docs/design.md (benchmarks) names.
 
 ``python -m bench`` (or ``make bench``) runs every registered suite; see
 ``bench/README.md`` for the options and the meaning of each column.

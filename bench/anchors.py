@@ -19,7 +19,7 @@ Contenders:
 * ``dense F.linear+LoRA``: the unpruned layer, the anchor at keep 1.0.
 
 :func:`check_contender` compares a contender with a float64 evaluation of the
-formula in DESIGN.md section 1 before anything is timed.
+formula in docs/design.md (what is computed) before anything is timed.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ class Expected:
 
 
 def expected_result(p: LinearProblem) -> Expected:
-    """The formula of DESIGN.md section 1 in float64, through autograd."""
+    """The formula of docs/design.md (what is computed) in float64, through autograd."""
     x, a, b, bias = (t.detach().double().requires_grad_(True) for t in (p.x, p.lora_a, p.lora_b, p.bias))
     weight = p.weight.double()
     in_idx, out_idx = p.in_idx, p.out_idx

@@ -6,9 +6,7 @@ import re
 
 import torch
 
-import spa_kernels
-
-from . import Progress, RunConfig
+from . import Progress, RunConfig, cpu_backend
 from .anchors import COMPACTED, DENSE_MASKED, SP_ADAPTERS, check_contender, spa_kernels_name
 from .conv_anchors import (
     DENSE_CONV_LORA,
@@ -18,9 +16,11 @@ from .conv_anchors import (
     expected_conv_result,
     spa_kernels_conv_contender,
 )
+from .dense_limit import CHANNELS_LAST_CONV, NO_ONEDNN_CONV, conv_dense_contenders, conv_dense_notes
 from .linear import BACKEND_DESCRIPTIONS, MODES, SPA, Ratio, Results, Target, ratio_value, timed_backends
 from .report import SuiteReport, Table, TargetResult, format_ratio
 from .shapes import CONV2D_SHAPES, RESNET_CONV3X3, Conv2dShape, format_keep
+from .throughput import BEST_DENSE, active_flops, add_best_dense, throughput_table
 from .timing import Measurement, measure_interleaved
 
 RATIOS = (
@@ -28,7 +28,11 @@ RATIOS = (
     Ratio("dense masked ÷ spa", DENSE_MASKED, SPA),
     Ratio("sp_adapters ÷ spa", SP_ADAPTERS, SPA),
     Ratio("spa ÷ dense+LoRA", SPA, DENSE_CONV_LORA),
+    Ratio("spa GFLOP/s ÷ best dense", BEST_DENSE, SPA),
 )
+
+# The dense implementations of the compacted layer that compete for "best dense".
+DENSE_CANDIDATES = (COMPACTED, CHANNELS_LAST_CONV, NO_ONEDNN_CONV)
 
 # CPU targets on the standard conv2d shape (fp32, 2 threads).
 CPU_TARGETS = (
@@ -74,15 +78,15 @@ def backend_notes(device: torch.device, backends: list[str], op: str) -> list[st
     """Which spa_kernels backends the suite times, and a red line when the fused cpu one is missing."""
     notes = []
     if device.type == "cpu" and "cpu" not in backends:
-        if not spa_kernels.backend.cpu.BUILT:
-            reason = f"the cpu backend is NOT BUILT ({spa_kernels.backend.cpu.BUILD_ERROR}); run `make build`"
+        if not cpu_backend.built():
+            reason = f"the cpu backend is NOT BUILT ({cpu_backend.build_error()}); run `make build`"
         else:
             reason = f"the cpu backend does not implement {op} (rebuild with `make build`?)"
         notes.append(f"WARNING: {reason}; no fused kernel is timed for {op}.")
     for name in backends:
         description = BACKEND_DESCRIPTIONS.get(name, name)
         if name == "cpu":
-            description += f", ISA {spa_kernels.backend.cpu.isa()}"
+            description += f", ISA {cpu_backend.isa()}"
         notes.append(f"{op}: {spa_kernels_name(name)}: {description}.")
     if backends:
         notes.append(f"{op}: spa (in ratios) = {spa_kernels_name(backends[0])}.")
@@ -106,14 +110,18 @@ class ConvSuite:
             report.notes.append(f"WARNING: no spa_kernels column in the conv tables: {missing}.")
         for shape in self.shapes(config):
             results = self._measure_shape(shape, config, backends, progress)
+            report.notes += conv_dense_notes(ConvProblem.make(shape, 1.0, config.device, config.dtype))
             dtype = str(config.dtype).removeprefix("torch.")
-            for mode in MODES:
+            for mode, attribute in MODES.items():
                 notes = []
                 if mode == "train step":
                     notes.append("train step = forward + gradients of x, A, B, bias for loss = (y · g).sum(); "
                                  "W frozen.")
                 title = f"conv2d {shape} ({dtype}) — {mode}: median ms (p20–p80)"
                 report.tables.append(results_table(title, results[mode], RATIOS, primary, notes))
+                flops = {keep: active_flops(shape, keep, attribute) for keep in results[mode]}
+                title = f"conv2d {shape} ({dtype}) — {mode}: GFLOP/s on the active FLOPs"
+                report.tables.append(throughput_table(title, results[mode], flops, primary))
             if config.device.type == "cpu" and shape == RESNET_CONV3X3:
                 report.targets += evaluate_targets(CPU_TARGETS, RATIOS, results, primary)
                 if primary is None:
@@ -146,7 +154,7 @@ class ConvSuite:
             if trusted:
                 for backend in backends:
                     check_contender(spa_kernels_conv_contender(problem, backend), problem, expected)
-            contenders = conv_contenders(problem, backends, trusted_indices=trusted)
+            contenders = conv_contenders(problem, backends, trusted_indices=trusted) + conv_dense_contenders(problem)
             for contender in contenders:
                 check_contender(contender, problem, expected)
             del expected
@@ -155,6 +163,7 @@ class ConvSuite:
                 progress.begin(f"{label}: {mode}, {len(contenders)} contenders interleaved")
                 fns = {contender.name: getattr(contender, attribute) for contender in contenders}
                 results[mode][keep] = measure_interleaved(fns, config.device, config.budget)
+                add_best_dense(results[mode][keep], DENSE_CANDIDATES)
                 progress.end()
         return results
 

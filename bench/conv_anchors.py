@@ -18,7 +18,7 @@ Contenders:
 * ``dense conv+LoRA``: the unpruned layer, the anchor at keep 1.0.
 
 The adapter acts at the kernel's centre tap only, which is a 1×1 convolution with
-the same stride over the centre-tap input (DESIGN.md section 1):
+the same stride over the centre-tap input (docs/design.md, what is computed):
 :func:`centre_tap_conv` is that convolution.
 """
 
@@ -211,7 +211,7 @@ def conv_contenders(p: ConvProblem, backends: list[str], *, trusted_indices: boo
 
 
 def expected_conv_result(p: ConvProblem) -> Expected:
-    """DESIGN.md section 1 in float64, through autograd: one convolution with the effective weight.
+    """docs/design.md (what is computed) in float64, through autograd: one convolution with the effective weight.
 
     ``W_eff = W_OS`` plus ``B_O A_S`` at the centre tap, on the active channels only;
     an evaluation independent of the parallel 1×1 form the anchors use.

@@ -9,7 +9,7 @@ import torch
 
 import spa_kernels
 
-from . import Progress, RunConfig
+from . import Progress, RunConfig, cpu_backend
 from .anchors import (
     COMPACTED,
     DENSE_LORA,
@@ -22,8 +22,17 @@ from .anchors import (
     spa_kernels_contender,
     spa_kernels_name,
 )
+from .dense_limit import (
+    ONEDNN_LINEAR,
+    OPENBLAS_LINEAR,
+    OpenBLASLinear,
+    linear_dense_notes,
+    onednn_linear_available,
+    onednn_linear_contender,
+)
 from .report import SuiteReport, Table, TargetResult, format_ratio
 from .shapes import LINEAR_SHAPES, VIT_B_MLP, LinearShape, format_keep
+from .throughput import BEST_DENSE, active_flops, add_best_dense, throughput_table
 from .timing import Measurement, measure_interleaved
 
 MODES = {"forward": "forward", "train step": "train_step"}  # table name -> Contender attribute
@@ -53,7 +62,11 @@ RATIOS = (
     Ratio("dense masked ÷ spa", DENSE_MASKED, SPA),
     Ratio("sp_adapters ÷ spa", SP_ADAPTERS, SPA),
     Ratio("spa ÷ dense+LoRA", SPA, DENSE_LORA),
+    Ratio("spa GFLOP/s ÷ best dense", BEST_DENSE, SPA),
 )
+
+# The dense implementations of the compacted layer that compete for "best dense".
+DENSE_CANDIDATES = (COMPACTED, ONEDNN_LINEAR, OPENBLAS_LINEAR)
 
 
 @dataclass(frozen=True)
@@ -105,17 +118,22 @@ class LinearSuite:
         return LINEAR_SHAPES[config.device.type]
 
     def count_cases(self, config: RunConfig) -> int:
-        # Per keep ratio: one check of every contender, then one interleaved group per mode.
-        return len(self.shapes(config)) * len(config.keeps) * (1 + len(MODES))
+        # Per keep ratio: one check of every contender, the OpenBLAS process, then one interleaved group per mode.
+        return len(self.shapes(config)) * len(config.keeps) * (2 + len(MODES))
 
     def run(self, config: RunConfig, progress: Progress) -> SuiteReport:
         backends = timed_backends(config.device)
         primary = spa_kernels_name(backends[0])
         report = SuiteReport(self.name, notes=self._backend_notes(config.device, backends))
+        openblas = OpenBLASLinear(torch.get_num_threads(), config.budget)
         for shape in self.shapes(config):
-            results = self._measure_shape(shape, config, backends, progress)
-            for mode in MODES:
+            results = self._measure_shape(shape, config, backends, progress, openblas)
+            for mode, attribute in MODES.items():
                 report.tables.append(self._table(shape, mode, results[mode], config, primary))
+                flops = {keep: active_flops(shape, keep, attribute) for keep in results[mode]}
+                dtype = str(config.dtype).removeprefix("torch.")
+                title = f"linear {shape} ({dtype}) — {mode}: GFLOP/s on the active FLOPs"
+                report.tables.append(throughput_table(title, results[mode], flops, primary))
             if config.device.type == "cpu" and shape == VIT_B_MLP:
                 report.targets += self._targets(results, primary)
                 if primary != spa_kernels_name("cpu"):
@@ -123,6 +141,7 @@ class LinearSuite:
                         f"WARNING: evaluated on {primary} because the cpu backend is not built; "
                         "these say nothing about the fused kernels."
                     )
+        report.notes += linear_dense_notes(config.device) + openblas.notes
         if config.device.type != "cpu":
             report.notes.append("The performance targets are CPU targets; they are not evaluated on this device.")
         return report
@@ -130,7 +149,7 @@ class LinearSuite:
     # ----------------------------------------------------------------- measuring
 
     def _measure_shape(self, shape: LinearShape, config: RunConfig, backends: list[str],
-                       progress: Progress) -> Results:
+                       progress: Progress, openblas: OpenBLASLinear) -> Results:
         results: Results = {mode: {} for mode in MODES}
         # On GPUs the public function's index checks synchronise the host on every
         # call; time the entry point the nn modules use instead (checked below
@@ -145,14 +164,22 @@ class LinearSuite:
                 for backend in backends:
                     check_contender(spa_kernels_contender(problem, backend), problem, expected)
             contenders = linear_contenders(problem, backends, trusted_indices=trusted)
+            if onednn_linear_available(config.device):
+                contenders.append(onednn_linear_contender(problem))
             for contender in contenders:
                 check_contender(contender, problem, expected)
+            progress.end()
+            progress.begin(f"{label}: {OPENBLAS_LINEAR}, checked then timed in its own process")
+            elsewhere = openblas.measure(problem, expected)
             del expected
             progress.end()
             for mode, attribute in MODES.items():
                 progress.begin(f"{label}: {mode}, {len(contenders)} contenders interleaved")
                 fns = {contender.name: getattr(contender, attribute) for contender in contenders}
                 results[mode][keep] = measure_interleaved(fns, config.device, config.budget)
+                if attribute in elsewhere:
+                    results[mode][keep][OPENBLAS_LINEAR] = elsewhere[attribute]
+                add_best_dense(results[mode][keep], DENSE_CANDIDATES)
                 progress.end()
         return results
 
@@ -162,7 +189,7 @@ class LinearSuite:
     def _backend_notes(device: torch.device, backends: list[str]) -> list[str]:
         notes = []
         if device.type == "cpu" and "cpu" not in backends:
-            reason = spa_kernels.backend.cpu.BUILD_ERROR or "not registered"
+            reason = cpu_backend.build_error() or "not registered"
             notes.append(
                 "WARNING: the spa_kernels cpu backend is NOT BUILT "
                 f"({reason}); the spa columns show the reference backend. Run `make build`."
@@ -170,7 +197,7 @@ class LinearSuite:
         for name in backends:
             description = BACKEND_DESCRIPTIONS.get(name, name)
             if name == "cpu":
-                description += f", ISA {spa_kernels.backend.cpu.isa()}"
+                description += f", ISA {cpu_backend.isa()}"
             notes.append(f"{spa_kernels_name(name)}: {description}.")
         notes.append(f"spa (in ratios) = {spa_kernels_name(backends[0])}.")
         if device.type != "cpu":

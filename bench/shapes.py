@@ -1,4 +1,4 @@
-"""The standard benchmark shapes, keep ratios and masks (DESIGN.md section 7), in one place.
+"""The standard benchmark shapes, keep ratios and masks of docs/design.md (benchmarks), in one place.
 
 Every suite takes its problem sizes from here, so a table from one machine can be
 compared with a table from another.

@@ -47,8 +47,7 @@ import torch
 from torch import Tensor, nn
 
 import spa_kernels
-from spa_kernels.pruning._layers import spa_layers
-from spa_kernels.pruning.package import load_task, save_task, task_size
+from spa_kernels.pruning import load_task, save_task, task_size
 from spa_kernels.pruning.package_format import byte_planes
 
 from . import Progress, RunConfig
@@ -90,6 +89,11 @@ class QuantityTarget(TargetResult):
 
 
 # --------------------------------------------------------------------------- building the tasks
+
+
+def spa_layers(model: nn.Module) -> dict[str, spa_kernels.nn.ChannelMasked]:
+    """Every SPA layer of ``model`` by qualified name, in ``named_modules`` order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, spa_kernels.nn.ChannelMasked)}
 
 
 def task_model(base: nn.Module, shape: NetworkShape, rank: int, seed: int) -> tuple[nn.Module, Masks]:
@@ -161,7 +165,7 @@ def fine_pruned_deflated_bytes(model: nn.Module) -> int:
 
 
 def formula_values(model: nn.Module) -> int:
-    """DESIGN.md §1: ``r·(|O| + |S|) + |O|`` values per SPLoRA layer (``|O|`` only where there is a bias)."""
+    """The count of docs/design.md (what is computed): ``r·(|O| + |S|) + |O|`` values per SPLoRA layer (``|O|`` only where there is a bias)."""
     values = 0
     for layer in spa_layers(model).values():
         active_out, active_in = int(layer.out_mask.sum()), int(layer.in_mask.sum())
@@ -215,7 +219,7 @@ class TaskSwitchSuite:
     @staticmethod
     def _sizes(base: nn.Module, shape: NetworkShape, directory: str) -> tuple[Table, float]:
         dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
-        headers = ["rank", "stored per task", "package B", "uncompressed B", "DESIGN §1 values B", "fine-pruned B",
+        headers = ["rank", "stored per task", "package B", "uncompressed B", "formula values B", "fine-pruned B",
                    "fine-pruned deflated B", "package ÷ fine-pruned", "uncompressed ÷ fine-pruned",
                    "values ÷ fine-pruned", "package ÷ fine-pruned deflated"]
         rows, target_ratio = [], float("nan")
@@ -244,7 +248,7 @@ class TaskSwitchSuite:
         notes = [
             f"sizes in bytes, {dtype}; package = the file save_task writes (header, bit-packed masks, "
             "active adapter and bias entries, SHA-256), deflated with its byte planes (the default, lossless); "
-            "uncompressed = the same with compress=False; DESIGN §1 values = r·(|O|+|S|)+|O| per layer "
+            "uncompressed = the same with compress=False; formula values = r·(|O|+|S|)+|O| per layer "
             "(|O| only with a bias: the convolutions have none, the head has one), no masks or header; "
             "the uncompressed package's overhead over it is the header (names, shapes, offsets: ~0.5 kB per layer).",
             "fine-pruned = |O|·|S|·k + |O| per layer (bias only where the layer has one), no masks or header: "
