@@ -24,10 +24,12 @@ import re
 
 from torch import nn
 
-# ``self.<child>.weight``/``.bias``, unless only its metadata is read.
+# ``self.<child>.weight``/``.bias``, unless only its metadata is read or it is assigned
+# to (weight tying, which ``convert`` finds from the shared parameters themselves).
 _DIRECT_READ = re.compile(
     r"self\.(?P<child>\w+)\.(?:weight|bias)\b"
     r"(?!\s*\.\s*(?:dtype|device|shape|size\(|ndim|dim\(|numel\(|is_meta|requires_grad)\b)"
+    r"(?!\s*=[^=])"
 )
 
 

@@ -146,7 +146,10 @@ def _replace(
                        "nn.Conv1d/2d/3d layers are converted", name, type(module).__name__)
         return module
     read_directly = children_read_directly(module)
-    for child_name, child in module.named_children():
+    # named_children() lists a module held twice only once; every place must be replaced.
+    for child_name, child in list(module._modules.items()):
+        if child is None:
+            continue
         child_path = f"{name}.{child_name}" if name else child_name
         if child_name in read_directly and isinstance(child, ChannelMasked):
             raise ValueError(

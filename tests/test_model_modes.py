@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import spa_kernels
-from spa_kernels.nn import ChannelMasked, SPPaRAConv2d
+from spa_kernels.nn import ChannelMasked
 
 MODES = [(training, grad_mode) for training in (True, False) for grad_mode in ("grad", "no_grad", "inference_mode")]
 # Smallest max-abs difference from the unadapted base that counts as "clearly adapted".
@@ -183,7 +183,11 @@ def test_every_mode_agrees_eager(family):
     _check_family(family, compiled=False)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# Families with a torch fast path, plus one batch-norm network: compiling is slow on CPU.
+COMPILED_FAMILIES = ["encoder", "encoder_nested", "encoder_layer", "decoder", "residual_cnn"]
+
+
+@pytest.mark.parametrize("family", COMPILED_FAMILIES)
 def test_every_mode_agrees_compiled(family):
     """Dynamo decides the code path at trace time, once per mode: each mode is traced."""
     torch.compiler.reset()
@@ -201,9 +205,9 @@ def test_adapter_effect_is_measured_on_the_adapted_layers():
     """The check above is sensitive: with zero adapters and full masks, outputs equal the base."""
     build, make_inputs, _ = FAMILIES["encoder_nested"]
     base = build().eval()
-    model = spa_kernels.convert(base, rank=3, init_range=0.0)
+    model = spa_kernels.convert(base, rank=3)
     for layer in model.modules():
-        if isinstance(layer, ChannelMasked) and not isinstance(layer, SPPaRAConv2d):
+        if isinstance(layer, ChannelMasked):
             nn.init.zeros_(layer.adapter.cols)
     args, kwargs = make_inputs()
     with torch.no_grad():
