@@ -152,8 +152,8 @@ def _run(model: nn.Module, module_for_mode: nn.Module, state: dict, args: tuple,
     return out.detach().clone()
 
 
-def _check_family(family: str, compiled: bool, backend: str = "aot_eager", modes=MODES) -> None:
-    build, make_inputs, has_batch_norm = FAMILIES[family]
+def _check_family(family: str, compiled: bool, backend: str = "aot_eager", modes=MODES, families=FAMILIES) -> None:
+    build, make_inputs, has_batch_norm = families[family]
     base = build()
     args, kwargs = make_inputs()
     if has_batch_norm:
@@ -199,6 +199,43 @@ def test_inference_modes_agree_with_inductor():
     torch.compiler.reset()
     _check_family("encoder_nested", compiled=True, backend="inductor",
                   modes=[(False, "no_grad"), (False, "inference_mode")])
+
+
+class Logits(nn.Module):
+    """A Hugging Face model returning its first output tensor, like the torch families."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.model(*args, **kwargs)[0]
+
+
+def _hugging_face_families() -> dict:
+    transformers = pytest.importorskip("transformers")
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+    def tokens() -> tuple[tuple, dict]:
+        return (torch.randint(0, 50, (2, 7)),), {}
+
+    return {
+        "bert_masked_lm": (lambda: Logits(transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            **no_dropout))), tokens, False),
+        "llama_tied_head": (lambda: Logits(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True))), tokens, False),
+        "vit": (lambda: Logits(transformers.ViTForImageClassification(transformers.ViTConfig(
+            image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=48, num_labels=3, **no_dropout))), lambda: ((torch.randn(2, 3, 16, 16),), {}), False),
+    }
+
+
+@pytest.mark.parametrize("family", ["bert_masked_lm", "llama_tied_head", "vit"])
+def test_hugging_face_models_agree_eager(family):
+    """Eager only: compiling these on CPU takes minutes."""
+    _check_family(family, compiled=False, families=_hugging_face_families())
 
 
 def test_adapter_effect_is_measured_on_the_adapted_layers():
