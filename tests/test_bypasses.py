@@ -11,7 +11,6 @@ import logging
 
 import pytest
 import torch
-import torch.fx.experimental.optimization as fx_optimization
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize, prune
@@ -164,6 +163,15 @@ def test_weight_loads_with_assign_and_changes_in_place():
     torch.testing.assert_close(fresh(x), layer(x))
 
 
+def test_functional_call_substitutes_the_weight_through_the_adapter():
+    """torch.func.functional_call swaps parameters without assigning them: still allowed, still exact."""
+    layer = _adapted_linear()
+    x = torch.randn(3, 6)
+    doubled = {name: 2 * value if name == "weight" else value for name, value in layer.named_parameters()}
+    torch.testing.assert_close(torch.func.functional_call(layer, doubled, (x,)),
+                               _expected_linear(layer, x, 2 * layer.weight), **TOLERANCE)
+
+
 def _converted_cnn() -> tuple[nn.Module, torch.Tensor]:
     model = spa_kernels.convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                               nn.Flatten(), nn.Linear(8 * 4 * 4, 5)), rank=2).eval()
@@ -192,6 +200,8 @@ def test_dynamic_quantization_leaves_spa_layers_exact(spec):
 
 def test_fx_symbolic_tracing_refuses_and_export_computes_through_the_op():
     """The fx fusers and FX quantization need symbolic tracing, which stops at the SPA forward."""
+    import torch.fx.experimental.optimization as fx_optimization  # imports torch.jit, which warns
+
     model, x = _converted_cnn()
     with pytest.raises(torch.fx.proxy.TraceError):
         fx_optimization.fuse(model)
