@@ -190,16 +190,17 @@ def convert(
 
     Left unchanged with a warning: ``nn.MultiheadAttention``, subclasses of
     ``nn.Linear``/``nn.ConvNd``, convolutions with an even kernel size (the
-    adapter sits on the kernel's centre tap), and layers whose parameters another
+    adapter sits on the kernel's centre tap), layers whose parameters another
     module shares (weight tying: that module would read the weight without the
     adapter), and layers whose parent's code reads their weight itself instead of
-    calling them (found in the parent class's source).  A layer that appears twice in the model becomes one shared SPA layer.
-    ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` holding a converted layer
-    become :class:`spa_kernels.nn.ComposedTransformerEncoderLayer`/``...Encoder``,
-    whose forward calls the layers in every mode (PyTorch's inference fast path
-    would read their weights directly); see ``docs/bypasses.md``.  Grouped and depthwise convolutions
-    are converted; they run on the reference backend (warned about once), so they
-    get ``backend=None`` whatever ``backend`` says.
+    calling them (found in the parent class's source).  A layer that appears twice
+    in the model becomes one shared SPA layer.  ``nn.TransformerEncoderLayer`` and
+    ``nn.TransformerEncoder`` holding a converted layer become
+    :class:`spa_kernels.nn.ComposedTransformerEncoderLayer` / ``...Encoder``, whose
+    forward calls the layers in every mode (PyTorch's inference fast path would read
+    their weights directly); ``docs/bypasses.md`` lists every such path.  Grouped and
+    depthwise convolutions are converted; they run on the reference backend (warned
+    about once), so they get ``backend=None`` whatever ``backend`` says.
 
     Args:
         model: the model; not modified unless ``inplace``.
