@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ._weight_reads import children_read_directly
 from .nn import (
     ChannelMasked,
     SPLoRAConv1d,
@@ -26,6 +27,7 @@ from .nn import (
     SPPaRAConv2d,
     SPPaRAConv3d,
 )
+from .nn.transformer import holds_spa_layer, use_composed_forward
 
 logger = logging.getLogger("spa_kernels")
 
@@ -82,13 +84,39 @@ def _has_even_kernel(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) and any(k % 2 == 0 for k in module.kernel_size)
 
 
+def _owners_of_parameters(model: nn.Module) -> dict[int, dict[int, str]]:
+    """``id(parameter)`` -> ``{id(module): name}`` of every module holding it directly."""
+    owners: dict[int, dict[int, str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), {}).setdefault(id(module), module_name)
+    return owners
+
+
+def _tied_owner(module: nn.Module, owners: dict[int, dict[int, str]]) -> str | None:
+    """Name of another module holding one of ``module``'s parameters (weight tying), if any."""
+    for parameter in module.parameters(recurse=False):
+        others = [name for owner, name in owners.get(id(parameter), {}).items() if owner != id(module)]
+        if others:
+            return others[0]
+    return None
+
+
 def _replace(
     module: nn.Module,
     name: str,
     conv_adapter: str,
     build: Callable[[nn.Module, type[ChannelMasked]], nn.Module],
+    owners: dict[int, dict[int, str]],
+    converted: dict[int, nn.Module],
 ) -> nn.Module:
-    """``module`` with its supported layers replaced (children in place)."""
+    """``module`` with its supported layers replaced (children in place).
+
+    ``converted`` maps a layer already replaced to its replacement, so a layer that
+    appears twice in the model stays one shared layer.
+    """
+    if id(module) in converted:
+        return converted[id(module)]
     if isinstance(module, ChannelMasked):
         return module  # already an SPA module: converting again would drop its adapter
     replacement = _replacement_for(module, conv_adapter)
@@ -97,18 +125,47 @@ def _replace(
             logger.warning("convert: '%s' (%s) left unchanged: kernel_size=%s is even, and the "
                            "adapter needs a centre tap", name, type(module).__name__, module.kernel_size)
             return module
-        return build(module, replacement)
+        tied_to = _tied_owner(module, owners)
+        if tied_to is not None:
+            # The other holder would keep reading the plain weight while this layer
+            # adds its adapter; keeping the tie and the plain layer is the safe choice.
+            logger.warning("convert: '%s' (%s) left unchanged: its parameters are shared with '%s' "
+                           "(weight tying), which would bypass the adapter", name, type(module).__name__, tied_to)
+            return module
+        converted[id(module)] = build(module, replacement)
+        return converted[id(module)]
     if isinstance(module, OPAQUE_TYPES):
+        if holds_spa_layer(module):
+            raise ValueError(
+                f"convert: '{name}' ({type(module).__name__}) holds an SPA layer, but its forward reads its "
+                "projection weights directly, so the adapter and masks would be skipped")
         logger.warning("convert: %s '%s' left unchanged (not supported)", type(module).__name__, name)
         return module
     if isinstance(module, REPLACEABLE_FAMILIES):
         logger.warning("convert: '%s' of type %s left unchanged: only exact nn.Linear and "
                        "nn.Conv1d/2d/3d layers are converted", name, type(module).__name__)
         return module
-    for child_name, child in module.named_children():
-        new_child = _replace(child, f"{name}.{child_name}" if name else child_name, conv_adapter, build)
+    read_directly = children_read_directly(module)
+    # named_children() lists a module held twice only once; every place must be replaced.
+    for child_name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        child_path = f"{name}.{child_name}" if name else child_name
+        if child_name in read_directly and isinstance(child, ChannelMasked):
+            raise ValueError(
+                f"convert: '{child_path}' ({type(child).__name__}) is an SPA layer, but {type(module).__name__} "
+                f"reads its parameters directly (`{read_directly[child_name]}`), so the adapter and masks "
+                "would be skipped")
+        if child_name in read_directly and _replacement_for(child, conv_adapter) is not None:
+            logger.warning("convert: '%s' (%s) left unchanged: %s reads its parameters directly "
+                           "(`%s`), which would bypass the adapter", child_path, type(child).__name__,
+                           type(module).__name__, read_directly[child_name])
+            continue
+        new_child = _replace(child, child_path, conv_adapter, build, owners, converted)
         if new_child is not child:
             setattr(module, child_name, new_child)
+    # Containers whose fast path reads their children's weights must call them instead.
+    use_composed_forward(module, name)
     return module
 
 
@@ -132,10 +189,18 @@ def convert(
     they are, so converting twice changes nothing.
 
     Left unchanged with a warning: ``nn.MultiheadAttention``, subclasses of
-    ``nn.Linear``/``nn.ConvNd``, and convolutions with an even kernel size (the
-    adapter sits on the kernel's centre tap).  Grouped and depthwise convolutions
-    are converted; they run on the reference backend (warned about once), so they
-    get ``backend=None`` whatever ``backend`` says.
+    ``nn.Linear``/``nn.ConvNd``, convolutions with an even kernel size (the
+    adapter sits on the kernel's centre tap), layers whose parameters another
+    module shares (weight tying: that module would read the weight without the
+    adapter), and layers whose parent's code reads their weight itself instead of
+    calling them (found in the parent class's source).  A layer that appears twice
+    in the model becomes one shared SPA layer.  ``nn.TransformerEncoderLayer`` and
+    ``nn.TransformerEncoder`` holding a converted layer become
+    :class:`spa_kernels.nn.ComposedTransformerEncoderLayer` / ``...Encoder``, whose
+    forward calls the layers in every mode (PyTorch's inference fast path would read
+    their weights directly); ``docs/bypasses.md`` lists every such path.  Grouped and
+    depthwise convolutions are converted; they run on the reference backend (warned
+    about once), so they get ``backend=None`` whatever ``backend`` says.
 
     Args:
         model: the model; not modified unless ``inplace``.
@@ -146,6 +211,12 @@ def convert(
         backend: kernel backend of every new layer (``None`` = auto).
         conv_adapter: ``"splora"`` (low-rank, ``rank`` and ``scale`` apply) or
             ``"sppara"`` (full-rank ``P``, ``init_range`` applies) for torch convolutions.
+
+    Raises:
+        TypeError: a subclass of a torch transformer container with a fused fast
+            path holds a converted layer.
+        ValueError: an ``nn.MultiheadAttention``, or a module whose code reads a child's
+            weight itself, holds an SPA layer there.
 
     Returns:
         The converted model.  Use the return value: when ``model`` itself is a
@@ -168,7 +239,7 @@ def convert(
             return spa_type.from_module(layer, init_range=init_range, backend=layer_backend)
         return spa_type.from_module(layer, rank=rank, init_range=init_range, scale=scale, backend=layer_backend)
 
-    return _replace(model, "", conv_adapter, build)
+    return _replace(model, "", conv_adapter, build, _owners_of_parameters(model), {})
 
 
 __all__ = ["convert"]

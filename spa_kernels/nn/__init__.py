@@ -8,9 +8,12 @@ from .channel_masked import ChannelMasked
 from .linear import SPLoRALinear
 from .splora_conv import SPLoRAConv1d, SPLoRAConv2d, SPLoRAConv3d
 from .sppara_conv import SPPaRAConv1d, SPPaRAConv2d, SPPaRAConv3d
+from .transformer import ComposedTransformerEncoder, ComposedTransformerEncoderLayer, use_composed_forward
 
 __all__ = [
     "ChannelMasked",
+    "ComposedTransformerEncoder",
+    "ComposedTransformerEncoderLayer",
     "SPLoRAConv1d",
     "SPLoRAConv2d",
     "SPLoRAConv3d",
@@ -18,4 +21,5 @@ __all__ = [
     "SPPaRAConv1d",
     "SPPaRAConv2d",
     "SPPaRAConv3d",
+    "use_composed_forward",
 ]

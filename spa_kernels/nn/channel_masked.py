@@ -42,6 +42,22 @@ class ChannelMasked(nn.Module):
     in_idx: Tensor | None
     out_idx: Tensor | None
 
+    def __setattr__(self, name: str, value: object) -> None:
+        # Code that rebuilds a layer's weight from outside, like torch.nn.utils.fusion's
+        # conv/linear + batch-norm folding, scales W but not the adapter, and cannot
+        # give pruned outputs the norm's shift: the result would be silently wrong.
+        # Such code assigns a new tensor to ``weight``; refuse it.  Loading a state
+        # dict with assign=True is the one assignment that keeps the layer exact.
+        parameters = self.__dict__.get("_parameters")
+        if (name == "weight" and isinstance(value, Tensor) and parameters is not None
+                and parameters.get("weight") is not None and not self.__dict__.get("_loading_state", False)):
+            raise TypeError(
+                f"{type(self).__name__}.weight cannot be replaced by assignment: code that rewrites the base "
+                "weight (e.g. torch.nn.utils.fusion.fuse_conv_bn_eval) would leave the adapter and masks "
+                "out of it.  Change it in place (layer.weight.copy_(w) under torch.no_grad()) or with "
+                "load_state_dict; to fold a following norm, fuse layer.to_module(), the merged plain layer")
+        super().__setattr__(name, value)
+
     def _init_masks(self, in_channels: int, out_channels: int, device: torch.device | str | None) -> None:
         self.register_buffer("in_mask", torch.ones(in_channels, dtype=torch.bool, device=device))
         self.register_buffer("out_mask", torch.ones(out_channels, dtype=torch.bool, device=device))
@@ -86,9 +102,13 @@ class ChannelMasked(nn.Module):
         # sp_adapters checkpoints have no masks: such a layer is unpruned, so an
         # absent mask means "all channels active" and is not reported missing.
         absent = [name for name in MASK_NAMES if prefix + name not in state_dict]
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        self.__dict__["_loading_state"] = True  # assign=True replaces the weight: allowed here
+        try:
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+        finally:
+            del self.__dict__["_loading_state"]
         for name in absent:
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
