@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._masks import ChannelMasked
+from .channel_masked import ChannelMasked
 
 NESTED_INPUT_MESSAGE = (
     "src is a nested tensor, which a converted {} cannot take: its SPA layers compute on "
