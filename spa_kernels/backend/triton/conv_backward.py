@@ -164,12 +164,15 @@ def splora_conv_weight_grad_kernel(
         round_to(acc, out_ptr.dtype.element_ty, IN_INTERPRETER),
         mask=left_ok[:, None] & right_ok[None, :],
     )
+    # One program per left tile writes the column sums (a scalar branch: see
+    # splora_gathered_tn_kernel).
     if COLUMN_SUM:
-        tl.store(
-            column_sum_ptr + left_channels,
-            round_to(column_sum, column_sum_ptr.dtype.element_ty, IN_INTERPRETER),
-            mask=left_ok & (pid_right == 0) & (tap == 0),
-        )
+        if (pid_right == 0) & (tap == 0):
+            tl.store(
+                column_sum_ptr + left_channels,
+                round_to(column_sum, column_sum_ptr.dtype.element_ty, IN_INTERPRETER),
+                mask=left_ok,
+            )
 
 
 @triton.jit

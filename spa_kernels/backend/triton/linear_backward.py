@@ -133,12 +133,16 @@ def splora_gathered_tn_kernel(
         round_to(acc, out_ptr.dtype.element_ty, IN_INTERPRETER),
         mask=left_ok[:, None] & right_ok[None, :],
     )
+    # One program per left tile writes the column sums: a branch on a scalar
+    # rather than a scalar folded into the block mask, whose dtype Triton's
+    # interpreter (3.9) does not keep boolean.
     if COLUMN_SUM:
-        tl.store(
-            column_sum_ptr + left_channels,
-            round_to(column_sum, column_sum_ptr.dtype.element_ty, IN_INTERPRETER),
-            mask=left_ok & (pid_right == 0),
-        )
+        if pid_right == 0:
+            tl.store(
+                column_sum_ptr + left_channels,
+                round_to(column_sum, column_sum_ptr.dtype.element_ty, IN_INTERPRETER),
+                mask=left_ok,
+            )
 
 
 @triton.jit
