@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # Unpinned and upgraded: the tests run on the newest Triton and NumPy the index
-# serves, as a new user's would.
-TEST_DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-timeout hypothesis rich ruff triton scikit-learn matplotlib
+# serves, as a new user's would. transformers builds Hugging Face models from configs
+# in the model tests (it does not pull torch; nothing is downloaded).
+TEST_DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-timeout hypothesis rich ruff triton scikit-learn matplotlib transformers
 # sp_adapters is the reference library the modules interoperate with; it and
 # torch-pruning (which it imports) need only torch and numpy, so skip their deps.
 NO_DEPS := structured-pruning-adapters==0.7.1 torch-pruning==1.6.1
