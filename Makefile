@@ -14,6 +14,7 @@ TEST_DEPS := "numpy<2.4" ninja pybind11 setuptools wheel pytest pytest-timeout h
 NO_DEPS := structured-pruning-adapters==0.7.1 torch-pruning==1.6.1
 
 .PHONY: install build test bench examples lint clean
+.PHONY: test-slow test-wheel sanitize
 
 # The seed papers' methods on scikit-learn's digits; each writes a PNG and a table to examples/out/.
 EXAMPLES := examples.adaptive_pruning examples.layerwise_sls examples.spa_vs_finepruning
@@ -30,8 +31,26 @@ install: $(STAMP) build
 build: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
+# Tests marked slow (outputs past 2**31 elements, several GiB) run in test-slow.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+test-slow: install
+	$(PY) -m pytest -q -p no:cacheprovider -m slow tests
+
+# The wheel, built from the sdist, installed into a venv of its own (torch 2.13.0,
+# no source tree) and smoke-tested from outside the repository.
+WHEEL_VENV := .venv-wheel
+WHEEL_SMOKE := tests/test_show_config.py tests/test_op_registration.py \
+	tests/test_linear_backends.py::test_backend_small_cases tests/test_conv_backends.py::test_splora_conv_backend
+test-wheel: $(STAMP)
+	tools/test_wheel.sh $(PY) $(WHEEL_VENV) -q $(WHEEL_SMOKE)
+
+# The cpu backend's tests under AddressSanitizer and UndefinedBehaviorSanitizer,
+# on a build of its own in build-sanitize/ (the in-place build is not touched).
+SANITIZE_TESTS := tests/test_linear_backends.py tests/test_conv_backends.py tests/test_validation.py
+sanitize: $(STAMP)
+	tools/sanitize.sh $(PY) -q $(addprefix $(CURDIR)/,$(SANITIZE_TESTS)) -k "not triton"
 
 bench: install
 	$(PY) -m bench
@@ -44,3 +63,4 @@ lint: $(STAMP)
 
 clean:
 	rm -rf build spa_kernels/*.so $(VENV)
+	rm -rf build-sanitize build-wheel $(WHEEL_VENV)

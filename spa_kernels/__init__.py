@@ -6,6 +6,7 @@ over the active channels only, on the backend that is fastest for the device.
 
 from . import _backend, cpu, reference
 from ._backend import backends, use_backend
+from ._config import show_config
 from .functional import (
     splora_conv1d,
     splora_conv2d,
@@ -37,6 +38,7 @@ __all__ = [
     "convert",
     "nn",
     "pruning",
+    "show_config",
     "splora_conv1d",
     "splora_conv2d",
     "splora_conv3d",

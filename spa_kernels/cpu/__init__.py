@@ -48,6 +48,16 @@ def supported_isas() -> list[str]:
     return list(_C.supported_cpu_isas()) if BUILT else []
 
 
+def max_threads() -> int | None:
+    """OpenMP threads a kernel call may use (None without the build)."""
+    return _C.max_threads() if BUILT else None
+
+
+def extension_path() -> str | None:
+    """File the compiled extension was loaded from (None without the build)."""
+    return _C.__file__ if BUILT else None
+
+
 def splora_linear_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale) -> Tensor:
     return torch.ops.spa_kernels_cpu.splora_linear_forward(
         x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale
