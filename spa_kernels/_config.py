@@ -43,8 +43,8 @@ def _package_version() -> str:
 def _triton_line() -> str:
     version = _distribution_version("triton")
     if triton_backend.IMPORTED:
-        mode = "interpreter" if triton_backend.INTERPRETED else "compiled"
-        return f"{version} (kernels import; {mode})"
+        mode = "in the interpreter" if triton_backend.INTERPRETED else "compiled for GPUs"
+        return f"{version} (the kernels import; they run {mode})"
     if version == "not installed":
         return version
     return f"{version} (the triton backend cannot import: {triton_backend.IMPORT_ERROR})"

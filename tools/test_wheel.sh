@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# make test-wheel: the package as a user gets it.  An sdist is made, the wheel is
-# built from the sdist (so a file missing from the sdist fails the build), the
-# wheel is installed into a venv of its own that has torch but not the source
-# tree, and a smoke subset of the tests runs from a directory outside the tree.
+# make test-wheel: the package as a user gets it.  The sdist is made and checked
+# for the files the build needs; the wheel is built from the tree with pip (which
+# reuses the objects of the in-place build in build/, so only the link is new),
+# installed into a venv of its own that has torch but not the source tree, and
+# a smoke subset of the tests runs from a directory outside the tree.
 # tests/conftest.py then checks that spa_kernels and its compiled extension come
 # from that venv's site-packages.
 #
@@ -18,13 +19,13 @@ DIST=$ROOT/build-wheel/dist
 cd "$ROOT"
 
 rm -rf "$DIST"
-"$PYTHON" setup.py --quiet sdist --dist-dir "$DIST" 2>/dev/null
+"$PYTHON" setup.py --quiet sdist --dist-dir "$DIST"
 SDIST=$(ls "$DIST"/spa_kernels-*.tar.gz)
 LISTING=$(tar -tzf "$SDIST")
-for required in csrc/cpu/module.cpp csrc/cpu/isa.h csrc/cpu/masked_gemm.h setup.py pyproject.toml; do
+for required in csrc/cpu/* setup.py pyproject.toml MANIFEST.in; do
     grep -q "/$required\$" <<<"$LISTING" || { echo "sdist lacks $required" >&2; exit 1; }
 done
-"$PYTHON" -m pip wheel --quiet --no-build-isolation --no-deps --wheel-dir "$DIST" "$SDIST"
+"$PYTHON" -m pip wheel --quiet --no-build-isolation --no-deps --wheel-dir "$DIST" "$ROOT"
 WHEEL=$(ls "$DIST"/spa_kernels-*.whl)
 "$PYTHON" - "$WHEEL" <<'CHECK'
 import sys, zipfile
