@@ -27,4 +27,6 @@ export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export SPA_KERNELS_EXPECT_PACKAGE_DIR=$OUT/pkg/spa_kernels
 # Run from the copy, so that it, not the source tree, is first on sys.path.
 cd "$OUT/pkg"
-exec "$PYTHON" -m pytest -p no:cacheprovider "$@"
+# --capture=sys: the sanitizers write their report to file descriptor 2, which
+# pytest's default capture would swallow when the process aborts.
+exec "$PYTHON" -m pytest -p no:cacheprovider --capture=sys "$@"
