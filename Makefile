@@ -37,7 +37,7 @@ TRITON_SUBSET_TESTS := \
 space := $(subst ,, )
 TRITON_SUBSET := -k "$(subst $(space), or ,$(strip $(TRITON_SUBSET_TESTS)))"
 
-.PHONY: install build test test-triton-versions bench examples lint clean
+.PHONY: install build test test-triton-versions test-slow test-wheel sanitize bench examples lint clean
 
 # The seed papers' methods on scikit-learn's digits; each writes a PNG and a table to examples/out/.
 EXAMPLES := examples.adaptive_pruning examples.layerwise_sls examples.spa_vs_finepruning
@@ -54,8 +54,26 @@ install: $(STAMP) build
 build: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
+# Tests marked slow (outputs past 2**31 elements, several GiB) run in test-slow.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+test-slow: install
+	$(PY) -m pytest -q -p no:cacheprovider -m slow tests
+
+# The wheel, built from the sdist, installed into a venv of its own (torch 2.13.0,
+# no source tree) and smoke-tested from outside the repository.
+WHEEL_VENV := .venv-wheel
+WHEEL_SMOKE := tests/package/test_show_config.py tests/ops/test_op_registration.py \
+	tests/backends/test_linear_backends.py::test_backend_small_cases tests/backends/test_conv_backends.py::test_splora_conv_backend
+test-wheel: $(STAMP)
+	tools/test_wheel.sh $(PY) $(WHEEL_VENV) -q $(WHEEL_SMOKE)
+
+# The cpu backend's tests under AddressSanitizer and UndefinedBehaviorSanitizer,
+# on a build of its own in build-sanitize/ (the in-place build is not touched).
+SANITIZE_TESTS := tests/backends/test_linear_backends.py tests/backends/test_conv_backends.py tests/functional/test_validation.py
+sanitize: $(STAMP)
+	tools/sanitize.sh $(PY) -q $(addprefix $(CURDIR)/,$(SANITIZE_TESTS)) -k "not triton"
 
 # A venv per Triton release: torch from the local CPU build, then that Triton.
 .venv-triton-%/.installed:
@@ -81,3 +99,4 @@ lint: $(STAMP)
 
 clean:
 	rm -rf build spa_kernels/*.so $(VENV) .venv-triton-*
+	rm -rf build-sanitize build-wheel $(WHEEL_VENV)

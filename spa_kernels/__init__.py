@@ -10,6 +10,7 @@ registers it; the ones below are imported here.
 """
 
 from . import nn, ops, pruning  # noqa: F401  (ops: importing it registers torch.ops.spa_kernels.*)
+from ._config import show_config
 from .backend import backends, use_backend
 from .backend import cpu as _cpu_backend  # noqa: F401  (registers itself when the extension is built)
 from .backend import reference as _reference_backend  # noqa: F401  (registers itself)
@@ -32,6 +33,7 @@ __all__ = [
     "convert",
     "nn",
     "pruning",
+    "show_config",
     "splora_conv1d",
     "splora_conv2d",
     "splora_conv3d",

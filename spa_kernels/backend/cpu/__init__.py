@@ -37,6 +37,16 @@ def supported_isas() -> list[str]:
     return list(_extension.extension.supported_cpu_isas()) if BUILT else []
 
 
+def max_threads() -> int | None:
+    """OpenMP threads a kernel call may use (None without the build)."""
+    return _extension.extension.max_threads() if BUILT else None
+
+
+def extension_path() -> str | None:
+    """File the compiled extension was loaded from (None without the build)."""
+    return _extension.extension.__file__ if BUILT else None
+
+
 if BUILT:
     register_backend(Backend(name, CAPABILITIES, kernels=(linear, conv)))
 
@@ -44,7 +54,9 @@ __all__ = [
     "BUILD_ERROR",
     "BUILT",
     "CAPABILITIES",
+    "extension_path",
     "isa",
+    "max_threads",
     "name",
     "set_isa",
     "splora_conv_backward",
