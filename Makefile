@@ -1,4 +1,5 @@
-# Verbs for a newcomer: `make test`, `make bench`, `make examples`, `make lint`.
+# Verbs for a newcomer: `make test`, `make bench`, `make examples`, `make lint`;
+# `make cuda-check` (nvcc only, no GPU) and `make gpu-check` (on a GPU machine).
 # Each sets up what it needs in .venv first (torch from the local CPU build,
 # the extension built in place with ninja), so a fresh clone needs nothing else.
 
@@ -13,7 +14,7 @@ TEST_DEPS := "numpy<2.4" ninja pybind11 setuptools wheel pytest pytest-timeout h
 # torch-pruning (which it imports) need only torch and numpy, so skip their deps.
 NO_DEPS := structured-pruning-adapters==0.7.1 torch-pruning==1.6.1
 
-.PHONY: install build test bench examples lint clean
+.PHONY: install build test bench examples lint clean cuda-check gpu-check
 
 # The seed papers' methods on scikit-learn's digits; each writes a PNG and a table to examples/out/.
 EXAMPLES := examples.adaptive_pruning examples.layerwise_sls examples.spa_vs_finepruning
@@ -41,6 +42,14 @@ examples: install
 
 lint: $(STAMP)
 	$(PY) -m ruff check spa_kernels tests bench examples
+
+# Every csrc/cuda/*.cu through nvcc and ptxas for sm_80 and sm_90; fails on spills or local memory.
+cuda-check:
+	$(PYTHON) tools/cuda_check.py
+
+# The one run a GPU machine needs: build, GPU tests, bench, compute-sanitizer; writes bench/results/.
+gpu-check: $(STAMP)
+	PY=$(PY) bash tools/gpu_check.sh
 
 clean:
 	rm -rf build spa_kernels/*.so $(VENV)
