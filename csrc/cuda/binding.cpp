@@ -54,7 +54,7 @@ const int32_t* index_pointer(const OptionalTensor& idx, const char* name, const 
   TORCH_CHECK_VALUE(idx->device() == x.device(), name, ": on ", idx->device(), ", but x is on ", x.device());
   count = idx->numel();
   TORCH_CHECK_VALUE(count <= size, name, ": ", count, " entries for ", size, " channels");
-  return idx->data_ptr<int32_t>();
+  return spa_cuda::index_list(idx->data_ptr<int32_t>(), count);
 }
 
 void check_status(int status) {

@@ -115,32 +115,32 @@ struct SharedLayout {
   static constexpr size_t kFlags = Config::kBlockM + Config::kBlockN;
   static constexpr size_t kBytes = 2 * (kTileA + kTileB) + kPoints + ((kFlags + 15) / 16) * 16;
 
-  Element* tile_a[2];
-  Element* tile_b[2];
-  AxisPoint* rows_a;     // kBlockM (also the output rows in the epilogue)
-  AxisPoint* rows_b;     // kBlockN (also the output columns)
-  AxisPoint* depth_a[2];  // kBlockK each: the K-step's points, double-buffered
-  AxisPoint* depth_b[2];
+  // Base pointers only: double buffers are reached by arithmetic, since an
+  // array of pointers indexed by the step's parity would live in local memory.
+  Element* tile_a_base;
+  Element* tile_b_base;
+  AxisPoint* rows_a;  // kBlockM (also the output rows in the epilogue)
+  AxisPoint* rows_b;  // kBlockN (also the output columns)
+  AxisPoint* depth_base;  // the K-step's points: A buffer 0, A buffer 1, B buffer 0, B buffer 1
   uint8_t* active_rows;  // zero tiles: whether a row / column is active
   uint8_t* active_cols;
 
   __device__ explicit SharedLayout(unsigned char* base) {
     // AxisPoints first: they need 8-byte alignment; the tiles 4-byte.
-    AxisPoint* points = reinterpret_cast<AxisPoint*>(base);
-    rows_a = points;
+    rows_a = reinterpret_cast<AxisPoint*>(base);
     rows_b = rows_a + Config::kBlockM;
-    depth_a[0] = rows_b + Config::kBlockN;
-    depth_a[1] = depth_a[0] + Config::kBlockK;
-    depth_b[0] = depth_a[1] + Config::kBlockK;
-    depth_b[1] = depth_b[0] + Config::kBlockK;
+    depth_base = rows_b + Config::kBlockN;
     unsigned char* tiles = base + kPoints;
-    tile_a[0] = reinterpret_cast<Element*>(tiles);
-    tile_a[1] = reinterpret_cast<Element*>(tiles + kTileA);
-    tile_b[0] = reinterpret_cast<Element*>(tiles + 2 * kTileA);
-    tile_b[1] = reinterpret_cast<Element*>(tiles + 2 * kTileA + kTileB);
+    tile_a_base = reinterpret_cast<Element*>(tiles);
+    tile_b_base = reinterpret_cast<Element*>(tiles + 2 * kTileA);
     active_rows = tiles + 2 * (kTileA + kTileB);
     active_cols = active_rows + Config::kBlockM;
   }
+
+  __device__ Element* tile_a(int buffer) const { return tile_a_base + buffer * (kTileA / sizeof(Element)); }
+  __device__ Element* tile_b(int buffer) const { return tile_b_base + buffer * (kTileB / sizeof(Element)); }
+  __device__ AxisPoint* depth_a(int buffer) const { return depth_base + buffer * Config::kBlockK; }
+  __device__ AxisPoint* depth_b(int buffer) const { return depth_base + (2 + buffer) * Config::kBlockK; }
 };
 
 template <bool Spatial>
@@ -276,31 +276,31 @@ __device__ __forceinline__ void run_phase(const OperandMap& a, const OperandMap&
   __syncthreads();  // the previous phase or tile may still read the row points
   for (int i = threadIdx.x; i < Config::kBlockM; i += Config::kThreads) s.rows_a[i] = axis_point(a.rows, m0 + i);
   for (int i = threadIdx.x; i < Config::kBlockN; i += Config::kThreads) s.rows_b[i] = axis_point(b.rows, n0 + i);
-  stage_depth<Config>(a, b, 0, s.depth_a[0], s.depth_b[0]);
+  stage_depth<Config>(a, b, 0, s.depth_a(0), s.depth_b(0));
   __syncthreads();
 
   StagedOperand<Element, Config, Config::kBlockM> staged_a;
   StagedOperand<Element, Config, Config::kBlockN> staged_b;
-  staged_a.template load<SpatialA>(a, s.rows_a, s.depth_a[0]);
-  staged_b.template load<SpatialB>(b, s.rows_b, s.depth_b[0]);
-  staged_a.store(a.rows_contiguous, s.tile_a[0]);
-  staged_b.store(b.rows_contiguous, s.tile_b[0]);
-  if (steps > 1) stage_depth<Config>(a, b, Config::kBlockK, s.depth_a[1], s.depth_b[1]);
+  staged_a.template load<SpatialA>(a, s.rows_a, s.depth_a(0));
+  staged_b.template load<SpatialB>(b, s.rows_b, s.depth_b(0));
+  staged_a.store(a.rows_contiguous, s.tile_a(0));
+  staged_b.store(b.rows_contiguous, s.tile_b(0));
+  if (steps > 1) stage_depth<Config>(a, b, Config::kBlockK, s.depth_a(1), s.depth_b(1));
   __syncthreads();
 
   for (int64_t step = 0; step < steps; ++step) {
     const int current = int(step & 1), next = current ^ 1;
     const bool more = step + 1 < steps;
     if (more) {  // issue the next step's gathers before this step's MMAs
-      staged_a.template load<SpatialA>(a, s.rows_a, s.depth_a[next]);
-      staged_b.template load<SpatialB>(b, s.rows_b, s.depth_b[next]);
+      staged_a.template load<SpatialA>(a, s.rows_a, s.depth_a(next));
+      staged_b.template load<SpatialB>(b, s.rows_b, s.depth_b(next));
     }
-    multiply_tile<Element, Config>(acc, s.tile_a[current], s.tile_b[current], warp_row, warp_col, lane);
+    multiply_tile<Element, Config>(acc, s.tile_a(current), s.tile_b(current), warp_row, warp_col, lane);
     if (more) {
-      staged_a.store(a.rows_contiguous, s.tile_a[next]);
-      staged_b.store(b.rows_contiguous, s.tile_b[next]);
+      staged_a.store(a.rows_contiguous, s.tile_a(next));
+      staged_b.store(b.rows_contiguous, s.tile_b(next));
     }
-    if (step + 2 < steps) stage_depth<Config>(a, b, (step + 2) * Config::kBlockK, s.depth_a[current], s.depth_b[current]);
+    if (step + 2 < steps) stage_depth<Config>(a, b, (step + 2) * Config::kBlockK, s.depth_a(current), s.depth_b(current));
     __syncthreads();
   }
 }
@@ -317,7 +317,7 @@ __device__ __forceinline__ void write_tile(const OutputMap& out, int64_t m, int6
                                            const Accumulators<Config>& acc, SharedLayout<Element, Config>& s,
                                            int warp_row, int warp_col, int lane) {
   __syncthreads();  // the row points are reused for the output
-  float* bias_values = reinterpret_cast<float*>(s.tile_a[0]);  // the tiles are free now
+  float* bias_values = reinterpret_cast<float*>(s.tile_a(0));  // the tiles are free now
   for (int i = threadIdx.x; i < Config::kBlockM; i += Config::kThreads) s.rows_a[i] = axis_point(out.rows, m0 + i);
   for (int i = threadIdx.x; i < Config::kBlockN; i += Config::kThreads) {
     s.rows_b[i] = axis_point(out.cols, n0 + i);

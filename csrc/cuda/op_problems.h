@@ -79,6 +79,14 @@ struct Gradients {
 
 inline int64_t intermediate_width(int64_t rank, bool split) { return split ? 2 * rank : rank; }
 
+// A null index pointer means "every channel", so an empty list (everything
+// pruned) needs a pointer that is not null; it has no entries and is never read.
+// A tensor with no elements may report a null data pointer: pass its lists through this.
+inline const int32_t* index_list(const int32_t* data, int64_t count) {
+  static const int32_t no_entries = 0;
+  return count == 0 ? &no_entries : data;
+}
+
 // Problems of one op call, run in order.
 constexpr int kMaxProblems = 8;
 struct ProblemList {

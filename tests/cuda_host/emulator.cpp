@@ -128,7 +128,9 @@ struct Emulation {
   }
 };
 
-const int32_t* index_or_null(const OptionalTensor& idx) { return idx ? idx->data_ptr<int32_t>() : nullptr; }
+const int32_t* index_or_null(const OptionalTensor& idx) {
+  return idx ? index_list(idx->data_ptr<int32_t>(), idx->numel()) : nullptr;
+}
 const void* data_or_null(const OptionalTensor& t) { return t ? t->data_ptr() : nullptr; }
 Tensor nan_filled(at::IntArrayRef shape) { return at::full(shape, NAN, at::kFloat); }
 
