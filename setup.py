@@ -40,7 +40,7 @@ def cuda_extension():
         sources=sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         + [os.path.join("csrc", "cuda", "binding.cpp")],
         include_dirs=[os.path.join(ROOT, "csrc", "cuda")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *gencode]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++17", *gencode]},
     )
 
 

@@ -41,7 +41,7 @@ def emulator():
             name="spa_cuda_host_emulator",
             sources=[str(ROOT / "tests" / "cuda_host" / "emulator.cpp")],
             extra_include_paths=[str(ROOT / "csrc" / "cuda")],
-            extra_cflags=["-O1", "-std=c++17"],
+            extra_cflags=["-O1", "-std=c++20"],
             verbose=False,
         )
     except (RuntimeError, OSError) as error:  # no host compiler: nothing here can run

@@ -5,7 +5,7 @@
 // contiguous with int32 index lists (spa_kernels/backends/cuda prepares them);
 // every check here raises a ValueError naming the argument before any launch.
 
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #include <torch/extension.h>
@@ -61,7 +61,7 @@ void check_status(int status) {
   TORCH_CHECK(status == 0, "spa_kernels cuda kernel failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
 }
 
-void* stream_now() { return at::cuda::getCurrentCUDAStream().stream(); }
+void* stream_now() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 Tensor empty_or_placeholder(bool wanted, at::IntArrayRef shape, const Tensor& like) {
   return wanted ? at::empty(shape, like.options()) : at::empty({0}, like.options());
