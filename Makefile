@@ -48,7 +48,8 @@ cuda-check:
 	$(PYTHON) tools/cuda_check.py
 
 # The one run a GPU machine needs: build, GPU tests, bench, compute-sanitizer; writes bench/results/.
-gpu-check: $(STAMP)
+# Uses .venv when it exists (with a CUDA build of torch), else python3; installs nothing.
+gpu-check:
 	PY=$(PY) bash tools/gpu_check.sh
 
 clean:
