@@ -84,6 +84,10 @@ def timed_backends(device: torch.device) -> list[str]:
     Triton on the CPU runs only in its interpreter, which is a correctness tool,
     so it is not timed there.
     """
+    if device.type == "cuda":  # a contender even while auto selection does not pick it yet
+        from spa_kernels.backends import cuda as cuda_backend
+
+        cuda_backend.register()
     usable = spa_kernels.backends(device)
     if device.type == "cpu":
         usable = [name for name in usable if name != "triton"]
