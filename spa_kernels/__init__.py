@@ -5,7 +5,8 @@ over the active channels only, on the backend that is fastest for the device.
 """
 
 from . import _backend, cpu, reference
-from ._backend import backends, use_backend
+from ._backend import use_backend
+from .backends import cuda as _cuda_backend
 from .functional import (
     splora_conv1d,
     splora_conv2d,
@@ -16,9 +17,14 @@ from .functional import (
     sppara_conv3d,
 )
 
+# Importing the `backends` subpackage above bound that name to it; the public function wins.
+backends = _backend.backends
+
 _backend.register_backend(reference)
 if cpu.BUILT:
     _backend.register_backend(cpu)
+if _cuda_backend.BUILT:
+    _cuda_backend.register()
 
 try:
     from . import triton as _triton_backend
