@@ -64,7 +64,7 @@ inline void set_spatial(OperandMap& operand, const int32_t extent[kSpatialDims],
   operand.spatial_stride[0] = unit * extent[2] * extent[1];
 }
 
-// Output of a reduction over rows (dA, dB, db, dW): rows × cols, row stride `ld`.
+// An output tensor seen as rows × cols through two axis maps.
 inline OutputMap matrix_output(void* data, AxisMap rows, AxisMap cols) {
   OutputMap out;
   out.data = data;
