@@ -1,4 +1,5 @@
-# Verbs for a newcomer: `make test`, `make bench`, `make examples`, `make lint`.
+# Verbs for a newcomer: `make test`, `make bench`, `make examples`, `make lint`;
+# `make cuda-check` (nvcc only, no GPU) and `make gpu-check` (on a GPU machine).
 # Each sets up what it needs in .venv first (torch from the local CPU build,
 # the extension built in place with ninja), so a fresh clone needs nothing else.
 
@@ -37,7 +38,7 @@ TRITON_SUBSET_TESTS := \
 space := $(subst ,, )
 TRITON_SUBSET := -k "$(subst $(space), or ,$(strip $(TRITON_SUBSET_TESTS)))"
 
-.PHONY: install build test test-triton-versions test-slow test-wheel sanitize bench examples lint clean
+.PHONY: install build test test-triton-versions test-slow test-wheel sanitize cuda-check gpu-check bench examples lint clean
 
 # The seed papers' methods on scikit-learn's digits; each writes a PNG and a table to examples/out/.
 EXAMPLES := examples.adaptive_pruning examples.layerwise_sls examples.spa_vs_finepruning
@@ -96,6 +97,15 @@ examples: install
 
 lint: $(STAMP)
 	$(PY) -m ruff check spa_kernels tests bench examples
+
+# Every csrc/cuda/*.cu through nvcc and ptxas for sm_80 and sm_90; fails on spills or local memory.
+cuda-check:
+	$(PYTHON) tools/cuda_check.py
+
+# The one run a GPU machine needs: build, GPU tests, bench, compute-sanitizer; writes bench/results/.
+# Uses .venv when it exists (with a CUDA build of torch), else python3; installs nothing.
+gpu-check:
+	PY=$(PY) bash tools/gpu_check.sh
 
 clean:
 	rm -rf build spa_kernels/*.so $(VENV) .venv-triton-*

@@ -1,4 +1,7 @@
-"""Builds the compiled kernels: ``spa_kernels._C`` (CPU, always) with ninja.
+"""Builds the compiled kernels: ``spa_kernels._C`` (CPU, always) with ninja, and
+``spa_kernels._C_cuda`` (csrc/cuda) where the installed torch has CUDA and a CUDA
+toolkit is found (``CUDA_HOME``).  ``SPA_KERNELS_CUDA_ARCH`` overrides the GPU
+architectures (default "80;90": sm_80 code that also runs on sm_90, and sm_90).
 
 Install torch first and build with ``--no-build-isolation`` so the build uses
 the installed torch instead of downloading another one.
@@ -7,7 +10,9 @@ the installed torch instead of downloading another one.
 import glob
 import os
 
+import torch
 from setuptools import setup
+from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +39,22 @@ def cpu_extension():
     )
 
 
+def cuda_extension():
+    """The CUDA kernels, or None where torch has no CUDA or no toolkit is installed."""
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return None
+    arches = os.environ.get("SPA_KERNELS_CUDA_ARCH", "80;90").replace(",", ";").split(";")
+    gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in arches if arch]
+    return cpp_extension.CUDAExtension(
+        name="spa_kernels._C_cuda",
+        sources=sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        + [os.path.join("csrc", "cuda", "binding.cpp")],
+        include_dirs=[os.path.join(ROOT, "csrc", "cuda")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++17", *gencode]},
+    )
+
+
 setup(
-    ext_modules=[cpu_extension()],
+    ext_modules=[ext for ext in (cpu_extension(), cuda_extension()) if ext is not None],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

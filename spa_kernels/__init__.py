@@ -13,6 +13,7 @@ from . import nn, ops, pruning  # noqa: F401  (ops: importing it registers torch
 from ._config import show_config
 from .backend import backends, use_backend
 from .backend import cpu as _cpu_backend  # noqa: F401  (registers itself when the extension is built)
+from .backend import cuda as _cuda_backend  # noqa: F401  (registers itself where the CUDA extension is built)
 from .backend import reference as _reference_backend  # noqa: F401  (registers itself)
 from .backend import triton as _triton_backend  # noqa: F401  (registers itself when Triton is usable)
 from .convert import convert
