@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 
 import torch
+from spa_kernels.backends import cuda as cuda_backend
 
 import spa_kernels
-from spa_kernels.backends import cuda as cuda_backend
 
 
 def _leaves(tensors: dict, dtype: torch.dtype) -> dict:
