@@ -11,7 +11,7 @@ zero in the masked model wherever it flows, so removing it changes no output.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,7 @@ def _out_channels(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def compact(model: nn.Module, example_inputs: Tensor | Sequence | Mapping) -> nn.Module:
+def compact(model: nn.Module, example_inputs: Tensor | Sequence | Mapping, *, keep_width: Iterable[str] = ()) -> nn.Module:
     """The plain-PyTorch model holding only the active channels of ``model``.
 
     Args:
@@ -57,14 +57,19 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence | Mapping) -> nn
             not modified.
         example_inputs: one forward's inputs (a tensor, a tuple/list of positional
             inputs or a dict of keyword inputs), used to trace the channel couplings.
+        keep_width: names of SPA layers whose outputs keep their full width (merged,
+            with zeros at the pruned channels), with everything tied to them: for
+            attention projections pruned inside heads, whose outputs a per-head
+            reshape reads.
 
     Returns:
         A model without SPA layers whose outputs equal ``model``'s in eval mode (up to
         the rounding of sums that no longer add zeros); the same training mode.
 
     Raises:
-        ValueError: ``model`` has no SPA layer, or the masks of tied layers disagree so
-            that a channel cannot be removed everywhere at once.
+        ValueError: ``model`` has no SPA layer, the masks of tied layers disagree so
+            that a channel cannot be removed everywhere at once, or removing a layer's
+            channels breaks the forward (a per-head reshape: name it in ``keep_width``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -73,7 +78,11 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence | Mapping) -> nn
     layers = {name: module for name, module in model.named_modules() if isinstance(module, ChannelMasked)}
     if not layers:
         raise ValueError("model has no SPA layers to compact; convert and prune it first")
-    masks = {name: layer.out_mask.detach().cpu() for name, layer in layers.items()}
+    keep_width = {keep_width} if isinstance(keep_width, str) else set(keep_width)
+    unknown = keep_width - set(layers)
+    if unknown:
+        raise ValueError(f"keep_width: {sorted(unknown)} are not SPA layers of the model")
+    masks = {name: layer.out_mask.detach().cpu() for name, layer in layers.items() if name not in keep_width}
     plain = _merged(model, list(layers))
     with torch.enable_grad():
         graph = tp.DependencyGraph().build_dependency(plain, example_inputs=example_inputs, forward_fn=_run,
@@ -92,6 +101,13 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence | Mapping) -> nn
             raise ValueError(f"compact: the output channels of {name!r} cannot be removed (they would empty "
                              "a layer tied to them)")
         group.prune()
+        try:
+            with torch.no_grad():
+                _run(plain, example_inputs)
+        except RuntimeError as error:
+            raise ValueError(f"compact: removing the pruned output channels of {name!r} breaks the forward "
+                             f"({error}); if they feed a per-head reshape, prune whole heads or name the "
+                             "layer and its tied layers in keep_width") from None
     return plain
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from support.pruning_models import ResidualCNN, residual_cnn_input
-from support.whole_models import EncoderClassifier, encoder_input
+from support.whole_models import (
+    HAS_TRANSFORMERS,
+    EncoderClassifier,
+    encoder_input,
+    hf_bert,
+    hf_bert_input,
+    hf_vit,
+    hf_vit_input,
+    logits,
+)
 from torch import nn
 
 import spa_kernels
@@ -60,3 +69,27 @@ def test_norms_shrink_with_their_channel_group():
 def test_compact_refuses_a_model_without_spa_layers():
     with pytest.raises(ValueError, match="no SPA layers"):
         spa_kernels.compact(nn.Linear(3, 3), torch.randn(1, 3))
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
+@pytest.mark.parametrize(("build", "make_input"), [(hf_vit, hf_vit_input), (hf_bert, hf_bert_input)])
+def test_hugging_face_models_compact_with_attention_kept_at_full_width(build, make_input):
+    model = spa_kernels.convert(build(), rank=2, exclude=["classifier"])
+    x = make_input()
+    groups = channel_groups(model, (x,))
+    generator = torch.Generator().manual_seed(2)
+    for group in groups:
+        keep = torch.rand(group.size, generator=generator) < 0.5
+        keep[0] = True
+        group.apply(model, keep)
+    model.eval()
+    with pytest.raises(ValueError, match="per-head reshape"):  # channels pruned inside heads
+        spa_kernels.compact(model, (x,))
+    attention = [name for group in groups if len(group.producers) == 3 for name in group.producers]
+    assert attention
+    small = spa_kernels.compact(model, (x,), keep_width=attention).eval()
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    want, got = logits(model(x)), logits(small(x))
+    error = (got - want).abs().max().item()
+    print(f"{build.__name__}: max error {error:.3e}")
+    assert error <= 1e-5 * max(want.abs().max().item(), 1.0)
