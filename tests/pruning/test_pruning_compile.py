@@ -7,10 +7,27 @@ import math
 import pytest
 import torch
 from support.pruning_models import ResidualCNN, residual_cnn_input
+from support.whole_models import (
+    HAS_TRANSFORMERS,
+    EncoderClassifier,
+    encoder_input,
+    hf_bert,
+    hf_bert_input,
+    hf_vit,
+    hf_vit_input,
+    logits,
+)
 from torch._dynamo.testing import CompileCounter
 
 import spa_kernels
 from spa_kernels.pruning import channel_groups
+
+needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
+TRANSFORMERS = {
+    "torch_encoder": (EncoderClassifier, encoder_input, "head"),
+    "hf_vit": (hf_vit, hf_vit_input, "classifier"),
+    "hf_bert": (hf_bert, hf_bert_input, "classifier"),
+}
 
 
 def prune_groups(model, groups, density: float) -> None:
@@ -82,4 +99,21 @@ def test_functional_op_with_index_lists_compiles_whole_and_still_checks_them():
         compiled(x, torch.tensor([0, 9]), out_idx)
     with pytest.raises(RuntimeError, match="out_idx must be strictly increasing"):
         compiled(x, in_idx, torch.tensor([3, 1]))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["torch_encoder", pytest.param("hf_vit", marks=needs_transformers),
+                                  pytest.param("hf_bert", marks=needs_transformers)])
+def test_pruned_transformers_trace_without_graph_breaks(name):
+    build, make_input, head = TRANSFORMERS[name]
+    torch._dynamo.reset()
+    model = spa_kernels.convert(build(), rank=2, exclude=[head]).eval()
+    x = make_input()
+    for group in channel_groups(model, (x,)):
+        group.apply(model, torch.arange(group.size) <= group.size // 2)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)  # fullgraph: a graph break raises
+    error = (logits(compiled(x)) - logits(model(x))).abs().max().item()
+    print(f"{name}: traced against eager, max error {error:.3e}")
+    assert error <= 1e-5 and counter.frame_count == 1
     torch._dynamo.reset()
