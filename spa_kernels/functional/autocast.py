@@ -18,6 +18,8 @@ _LOWERED = (torch.float32, torch.float16, torch.bfloat16)
 
 def autocast_operands(x: Tensor, *operands: Tensor | None) -> tuple[Tensor | None, ...]:
     """``(x, *operands)`` cast to the autocast dtype of ``x``'s device where autocast is on; as they are otherwise."""
+    if not isinstance(x, Tensor):  # validation, which comes next, names the bad argument
+        return (x, *operands)
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type):
         return (x, *operands)
