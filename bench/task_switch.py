@@ -228,10 +228,11 @@ class TaskSwitchSuite:
             element = model.fc.weight.element_size()
             cases = [("masks + adapters + biases", (), False)]
             if rank == shape.rank:
-                cases.append(("… + batch norms", norm_names(masks), True))
+                cases.append(("… + batch norms (the default package)", norm_names(masks), True))
             for what, task_specific, norms in cases:
-                written = save_task(model, os.path.join(directory, f"size-{rank}-{norms}.spa"), task_specific)
-                uncompressed = task_size(model, task_specific, compress=False)
+                # The default package holds the trained batch norms by itself; without them is the SPA part only.
+                written = save_task(model, os.path.join(directory, f"size-{rank}-{norms}.spa"), trained_state=norms)
+                uncompressed = task_size(model, compress=False, trained_state=norms)
                 fine = fine_pruned_values(model, masks, norms) * element
                 design = formula_values(model) * element
                 if norms:  # the batch norms' full state, as the package stores it
@@ -255,9 +256,10 @@ class TaskSwitchSuite:
             "the active block of every convolution and of the head; fine-pruned deflated = those values "
             "deflated by the package's codec (the base here is randomly initialised, as trained weights "
             "roughly are at the byte level). The target is package ÷ fine-pruned.",
-            "… + batch norms: the package (and its values column) also holds every batch norm's full state "
-            "(task_specific); the fine-pruned copy their weight, bias, running mean and variance on the active "
-            "channels.",
+            "… + batch norms: what save_task stores by default, which is what a user keeps per task: the package "
+            "(and its values column) also holds every batch norm's full state (trained affine and running "
+            "statistics); the first row is save_task(trained_state=False). The fine-pruned copy their weight, "
+            "bias, running mean and variance on the active channels.",
         ]
         title = f"task package {shape.name} keep {format_keep(shape.keep)} ({dtype}) — stored per task: bytes"
         return Table(title, headers, rows, notes), target_ratio
@@ -276,14 +278,14 @@ class TaskSwitchSuite:
         shared = spa_kernels.convert(base, rank=shape.rank).eval()
         packages = [os.path.join(directory, f"task-{index}.spa") for index in range(2)]
         for (model, _), path in zip(tasks, packages, strict=True):
-            save_task(model, path)
+            save_task(model, path, trained_state=False)
         contenders[LOAD_TASK] = self._alternate(shared, packages, want, images, load_task, exact=True)
 
-        # load_task + norms: the packages holding the batch norms too (task_specific).
+        # load_task + norms: the default packages, which hold the trained batch norms too.
         with_norms = spa_kernels.convert(base, rank=shape.rank).eval()
         norm_packages = [os.path.join(directory, f"task-norms-{index}.spa") for index in range(2)]
-        for (model, masks), path in zip(tasks, norm_packages, strict=True):
-            save_task(model, path, norm_names(masks))
+        for (model, _), path in zip(tasks, norm_packages, strict=True):
+            save_task(model, path)  # the default: the trained batch norms are stored too
         contenders[LOAD_TASK_NORMS] = self._alternate(with_norms, norm_packages, want, images, load_task, exact=True)
 
         # state dict: the full-width trainable state (adapters, biases, masks) of each task.

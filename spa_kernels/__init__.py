@@ -16,6 +16,7 @@ from .backend import cpu as _cpu_backend  # noqa: F401  (registers itself when t
 from .backend import cuda as _cuda_backend  # noqa: F401  (registers itself where the CUDA extension is built)
 from .backend import reference as _reference_backend  # noqa: F401  (registers itself)
 from .backend import triton as _triton_backend  # noqa: F401  (registers itself when Triton is usable)
+from .compact import compact
 from .convert import convert
 from .functional import (
     splora_conv1d,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backends",
+    "compact",
     "convert",
     "nn",
     "pruning",

@@ -77,13 +77,23 @@ def check_index(idx: object, name: str, size: int, device: torch.device) -> Tens
         raise ValueError(f"{name} must be 1-D, got shape {tuple(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but the input is on {device}")
-    if idx.numel() > 0:
+    if torch.compiler.is_compiling():
+        _assert_index_in_graph(idx, name, size)
+    elif idx.numel() > 0:
         low, high, increasing = _index_range_and_order(idx)
         if low < 0 or high >= size:
             raise IndexError(f"{name} holds indices in [{low}, {high}], outside [0, {size - 1}]")
         if not increasing:
             raise ValueError(f"{name} must be strictly increasing (sorted, no duplicates)")
     return _unchecked_index(idx)
+
+
+def _assert_index_in_graph(idx: Tensor, name: str, size: int) -> None:
+    """The range and order checks as graph ops: traced by torch.compile, raised when the graph runs."""
+    in_range = ((idx >= 0) & (idx < size)).all()
+    increasing = (idx[1:] > idx[:-1]).all()
+    torch._assert_async(in_range, f"{name} holds indices outside [0, {size - 1}]")
+    torch._assert_async(increasing, f"{name} must be strictly increasing (sorted, no duplicates)")
 
 
 def _index_range_and_order(idx: Tensor) -> tuple[int, int, bool]:

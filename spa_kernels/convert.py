@@ -12,11 +12,14 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
 from ._weight_reads import children_read_directly
+from .conversion_report import ConversionReport, conversion_report
+from .exclusion import excluded_names, set_aside
+from .freeze import freeze as apply_freeze
 from .nn import (
     ChannelMasked,
     SPLoRAConv1d,
@@ -177,7 +180,14 @@ def convert(
     scale: float = 1.0,
     backend: str | None = None,
     conv_adapter: str = "splora",
-) -> nn.Module:
+    *,
+    exclude: Iterable[str | type[nn.Module]] | str | type[nn.Module] = (),
+    freeze: bool = True,
+    train_bias: str | bool = "converted",
+    train_norms: bool = True,
+    trainable: Iterable[str] = (),
+    report: bool = False,
+) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Replace every supported layer of ``model`` by its SPA module, recursively.
 
     ``nn.Linear`` becomes :class:`spa_kernels.nn.SPLoRALinear` and ``nn.Conv1d/2d/3d``
@@ -211,6 +221,22 @@ def convert(
         backend: kernel backend of every new layer (``None`` = auto).
         conv_adapter: ``"splora"`` (low-rank, ``rank`` and ``scale`` apply) or
             ``"sppara"`` (full-rank ``P``, ``init_range`` applies) for torch convolutions.
+        exclude: modules to leave exactly as they are, and trainable in full (the new
+            task's head): qualified module names of ``model``, ``fnmatch`` patterns of
+            them (``"encoder.layer.*.output"``), or module types (every instance).
+        freeze: apply the freeze policy (:func:`spa_kernels.freeze.freeze`): after
+            conversion only the adapters, the biases of converted layers, the norm
+            layers' affine parameters and the excluded modules train; everything else
+            (embeddings, class and position tokens, unconverted layers) is frozen.
+            ``False`` leaves every ``requires_grad`` as it was, except the converted
+            layers' frozen weights.
+        train_bias: ``"converted"`` (the converted layers' biases train), ``"all"``
+            (every bias trains), ``"none"`` (no bias trains, outside excluded modules).
+        train_norms: whether the norm layers' affine parameters train.
+        trainable: ``fnmatch`` patterns of parameter names that train regardless
+            (``"embeddings.*"``, ``"*.cls_token"``).
+        report: also return the :class:`~spa_kernels.conversion_report.ConversionReport`
+            (which is logged at INFO either way).
 
     Raises:
         TypeError: a subclass of a torch transformer container with a fused fast
@@ -219,13 +245,15 @@ def convert(
             weight itself, holds an SPA layer there.
 
     Returns:
-        The converted model.  Use the return value: when ``model`` itself is a
-        supported layer it is replaced, not modified, even with ``inplace=True``.
+        The converted model, or ``(model, report)`` with ``report=True``.  Use the
+        return value: when ``model`` itself is a supported layer it is replaced, not
+        modified, even with ``inplace=True``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(conv_adapter, str) or conv_adapter not in CONV_ADAPTERS:
         raise ValueError(f"conv_adapter must be one of {CONV_ADAPTERS}, got {conv_adapter!r}")
+    excluded = excluded_names(model, exclude)
     if not inplace:
         model = copy.deepcopy(model)
 
@@ -239,7 +267,28 @@ def convert(
             return spa_type.from_module(layer, init_range=init_range, backend=layer_backend)
         return spa_type.from_module(layer, rank=rank, init_range=init_range, scale=scale, backend=layer_backend)
 
-    return _replace(model, "", conv_adapter, build, _owners_of_parameters(model), {})
+    if "" in excluded:
+        converted = model
+    else:
+        with set_aside(model, excluded):
+            converted = _replace(model, "", conv_adapter, build, _owners_of_parameters(model), {})
+    if freeze:
+        apply_freeze(converted, excluded=excluded, train_bias=train_bias, train_norms=train_norms,
+                     trainable=trainable)
+    summary = conversion_report(converted, excluded=excluded, left_alone_reason=left_alone_reason)
+    logger.info("convert: %s", summary)
+    return (converted, summary) if report else converted
+
+
+def left_alone_reason(module: nn.Module) -> str | None:
+    """Why ``convert`` leaves a layer of a convertible family alone; ``None`` for other modules."""
+    if isinstance(module, OPAQUE_TYPES):
+        return "not supported: its forward reads its projections' weights directly"
+    if _replacement_for(module, CONV_ADAPTERS[0]) is not None:
+        return "even kernel size: the adapter needs a centre tap" if _has_even_kernel(module) else None
+    if isinstance(module, REPLACEABLE_FAMILIES):
+        return f"{type(module).__name__} is a subclass: only exact nn.Linear and nn.Conv1d/2d/3d are converted"
+    return None
 
 
 __all__ = ["convert"]

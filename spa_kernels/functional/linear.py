@@ -7,6 +7,7 @@ from torch import Tensor
 from .. import ops
 from .._validation import check_splora_linear_args
 from ..backend import resolve
+from .autocast import autocast_operands
 
 
 def splora_linear(
@@ -42,8 +43,10 @@ def splora_linear(
             or ``"cuda"``.
 
     Returns:
-        ``(..., out)``, exactly zero at inactive outputs.
+        ``(..., out)``, exactly zero at inactive outputs.  Under ``torch.autocast`` the
+        operands are cast to the autocast dtype first, as for ``F.linear``.
     """
+    x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
     in_idx, out_idx, scale = check_splora_linear_args(
         x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale
     )
@@ -67,6 +70,7 @@ def splora_linear_trusted(
     Skips the index checks that read values (a host sync on GPUs); shapes are
     still the caller's responsibility to keep consistent.
     """
+    x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects {weight.shape[1]}")
     if x.dtype != weight.dtype:

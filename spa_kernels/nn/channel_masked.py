@@ -1,13 +1,17 @@
 """Channel masks shared by every SPA module: bool masks in, index lists out.
 
 A module keeps two persistent bool buffers, ``in_mask`` and ``out_mask``, which
-are what a checkpoint stores, and two non-persistent int64 buffers, ``in_idx``
-and ``out_idx``, which are what the kernels read.  The index lists are derived
-from the masks once per change (``set_masks``, ``load_state_dict``), because
+are what a checkpoint stores, and two int64 index lists, ``in_idx`` and
+``out_idx``, which are what the kernels read.  The index lists are derived from
+the masks once per change (``set_masks``, ``load_state_dict``, ``.to()``), because
 turning a mask into indices needs its values on the host: a device sync that
-``forward`` must never pay.  Being buffers, they follow the module through
-``.to()`` and ``.cuda()``.  An index list is ``None`` while every channel is
+``forward`` must never pay.  An index list is ``None`` while every channel is
 active, so the kernels take their unmasked path.
+
+The index lists are plain tensor attributes, not buffers: torch.compile gives
+module buffers static shapes and would recompile the model at every mask change,
+while the length of a plain attribute is a symbol (the first pruning of a layer
+recompiles once; later mask changes reuse the graph).
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ def indices_from_mask(mask: Tensor) -> Tensor | None:
     if mask.device.type == "meta":  # no values to read; real masks arrive with load_state_dict
         return None
     idx = torch.nonzero(mask).flatten()  # row-major order: already strictly increasing
-    return None if idx.numel() == mask.numel() else idx
+    if idx.numel() == mask.numel():
+        return None
+    # The length changes with every mask change: a compiled model treats it as a symbol
+    # (one recompile when a layer is first pruned, none for later changes) instead of
+    # specialising on it like on other module buffers and recompiling each time.
+    torch._dynamo.maybe_mark_dynamic(idx, 0)
+    return idx
 
 
 class ChannelMasked(nn.Module):
@@ -61,8 +71,8 @@ class ChannelMasked(nn.Module):
     def _init_masks(self, in_channels: int, out_channels: int, device: torch.device | str | None) -> None:
         self.register_buffer("in_mask", torch.ones(in_channels, dtype=torch.bool, device=device))
         self.register_buffer("out_mask", torch.ones(out_channels, dtype=torch.bool, device=device))
-        self.register_buffer("in_idx", None, persistent=False)
-        self.register_buffer("out_idx", None, persistent=False)
+        self.in_idx = None
+        self.out_idx = None
 
     def set_masks(self, in_mask: Tensor | None = None, out_mask: Tensor | None = None) -> None:
         """Set the active input and/or output channels.
@@ -91,6 +101,11 @@ class ChannelMasked(nn.Module):
             if out_mask is not None:
                 self.out_mask.copy_(out_mask)
         self._rebuild_indices()
+
+    def _apply(self, fn, recurse: bool = True):
+        module = super()._apply(fn, recurse)
+        self._rebuild_indices()  # the index lists follow the masks' device (they are not buffers)
+        return module
 
     def _rebuild_indices(self) -> None:
         self.in_idx = indices_from_mask(self.in_mask)

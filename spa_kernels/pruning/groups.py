@@ -264,6 +264,10 @@ class NormChannelMask:
         return output if mask is None else output * mask
 
     def _float_mask(self, output: Tensor, dim: int) -> Tensor | None:
+        if torch.compiler.is_compiling():
+            # Traced: the mask is built from the mask buffers inside the graph (a few small
+            # ops), so a mask change needs no recompile and nothing reads values on the host.
+            return self._build(output, dim, skip_if_full=False)
         buffers = [source.producer.out_mask for group in self.sources.values() for source in group]
         versions = [buffer._version for buffer in buffers]
         key = (output.device, output.dtype, output.dim(), dim)
@@ -274,14 +278,14 @@ class NormChannelMask:
             self._key, self._versions, self._buffers = key, versions, buffers
         return self._mask
 
-    def _build(self, output: Tensor, dim: int) -> Tensor | None:
+    def _build(self, output: Tensor, dim: int, skip_if_full: bool = True) -> Tensor | None:
         mask = torch.ones(self.channels, device=output.device, dtype=output.dtype)
         for group in self.sources.values():
             for source in group:
                 out_mask = source.producer.out_mask
                 values = out_mask.index_select(0, source.producer_index.to(out_mask.device))
                 mask[source.norm_index.to(output.device)] = values.to(output.device, output.dtype)
-        if bool(mask.all()):  # one host sync per mask change; nothing pruned costs nothing
+        if skip_if_full and bool(mask.all()):  # one host sync per mask change; nothing pruned costs nothing
             return None
         shape = [1] * output.dim()
         shape[dim] = self.channels

@@ -20,6 +20,12 @@ What a package stores
   columns are stored in full (rows are still restricted to ``O``).
 * For every task-specific module: its full state dict (parameters and persistent
   buffers), whatever the module is, SPA layers included.
+* By default (``trained_state=True``), every other tensor the task trains, outside the
+  SPA layers and the task-specific modules (:mod:`.package_state`): each parameter that
+  requires grad (norm affines, an excluded head, tokens left trainable) and the
+  persistent buffers of its module and of every norm layer (batch-norm running
+  statistics).  A trainable tensor that would still be left out (an SPA layer's
+  ``weight`` being fine-tuned) is named in a warning.
 * For every module defining ``task_metadata(self) -> dict[str, int]``: that dict,
   keyed by the module's name; :func:`load_task` hands it to the module's
   ``load_task_metadata(metadata)`` and returns all of them.
@@ -46,6 +52,7 @@ from torch import nn
 
 from .package_format import CODEC_DEFLATE, CODEC_STORED, FORMAT_VERSION, MAGIC, encode, inside, parse
 from .package_staging import stage
+from .package_state import trained_state_names, warn_about_left_out
 
 PathOrFile = str | os.PathLike | BinaryIO
 
@@ -53,7 +60,8 @@ PathOrFile = str | os.PathLike | BinaryIO
 # --------------------------------------------------------------------------- public API
 
 
-def save_task(model: nn.Module, path: PathOrFile, task_specific=(), *, compress: bool = True) -> int:
+def save_task(model: nn.Module, path: PathOrFile, task_specific=(), *, compress: bool = True,
+              trained_state: bool = True) -> int:
     """Write the task package of ``model`` to ``path``; return the number of bytes written.
 
     Args:
@@ -65,6 +73,13 @@ def save_task(model: nn.Module, path: PathOrFile, task_specific=(), *, compress:
             sequence).  SPA layers inside them are stored in full, not as adapters.
         compress: deflate the header and the payload's byte planes (codec 1, lossless:
             loading gives back the same bits); ``False`` stores them as they are (codec 0).
+        trained_state: also store every parameter outside the SPA layers that requires
+            grad, and the buffers of its module and of norm layers, so that
+            :func:`load_task` reproduces the model exactly; ``False`` stores only the
+            SPA layers' entries and the task-specific modules.
+
+    Warns:
+        UserWarning: naming every trainable tensor the package leaves out.
 
     Raises:
         TypeError: ``model`` is not a module, ``task_specific`` holds something other
@@ -72,7 +87,7 @@ def save_task(model: nn.Module, path: PathOrFile, task_specific=(), *, compress:
         ValueError: a ``task_specific`` entry is not part of ``model``, or two
             entries nest.
     """
-    data = _encode_model(model, task_specific, compress)
+    data = _encode_model(model, task_specific, compress, trained_state, warn=True)
     if hasattr(path, "write"):
         path.write(data)
         return len(data)
@@ -118,13 +133,16 @@ def load_task(model: nn.Module, path: PathOrFile) -> dict[str, dict[str, int]]:
             layer.apply()
         for module, state in plan.modules:
             module.load_state_dict(state, strict=True)
+        for target, value in plan.state:
+            target.copy_(value)
     return {name: dict(metadata) for name, metadata in plan.metadata.items()}
 
 
-def task_size(path_or_model: PathOrFile | nn.Module, task_specific=(), *, compress: bool = True) -> int:
+def task_size(path_or_model: PathOrFile | nn.Module, task_specific=(), *, compress: bool = True,
+              trained_state: bool = True) -> int:
     """Bytes of a task package: the size of the file at a path, or what ``save_task`` would write for a model."""
     if isinstance(path_or_model, nn.Module):
-        return len(_encode_model(path_or_model, task_specific, compress))
+        return len(_encode_model(path_or_model, task_specific, compress, trained_state))
     if task_specific:
         raise ValueError("task_specific applies to a model, not to a saved package")
     return os.path.getsize(_check_path(path_or_model, "path_or_model"))
@@ -133,10 +151,14 @@ def task_size(path_or_model: PathOrFile | nn.Module, task_specific=(), *, compre
 # --------------------------------------------------------------------------- arguments
 
 
-def _encode_model(model: nn.Module, task_specific, compress: bool) -> bytes:
+def _encode_model(model: nn.Module, task_specific, compress: bool, trained_state: bool, warn: bool = False) -> bytes:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return encode(model, _resolve_task_specific(model, task_specific), compress)
+    owned = _resolve_task_specific(model, task_specific)
+    state = trained_state_names(model, owned) if trained_state else []
+    if warn:
+        warn_about_left_out(model, owned, state)
+    return encode(model, owned, compress, state)
 
 
 def _resolve_task_specific(model: nn.Module, task_specific) -> list[str]:

@@ -4,7 +4,7 @@
 ``task_size``) and says what a package stores; :mod:`.package_staging` checks a
 parsed package against a model before anything is written.
 
-Format (version 2)
+Format (version 3)
 ------------------
 
 All integers little-endian.  Nothing in a package is executed on load: the header
@@ -14,7 +14,8 @@ is JSON and the tensors are raw bytes.
 bytes      content
 =========  =====================================================================
 8          magic ``b"SPATASK\\0"``
-4          format version, uint32 (2)
+4          format version, uint32 (3; version 2 packages, which have no
+           ``"state"``, still load)
 4          codec, uint32: 0 = stored, 1 = deflate
 8          header length ``H`` in bytes, uint64 (a multiple of 16)
 8          payload length ``P`` in bytes, uint64
@@ -53,6 +54,9 @@ The header is a JSON object::
        ...],
      "modules": [                      # task-specific modules: full state dicts
        {"name": "fc", "kind": "Linear", "tensors": {"weight": BLOB, "bias": BLOB}}],
+     "state": [                        # other trained tensors, by qualified name:
+       {"name": "bn1.weight", "tensors": {"value": BLOB}},   # norms, running statistics,
+       {"name": "bn1.running_mean", "tensors": {"value": BLOB}}],  # tokens… (version 3)
      "metadata": {"truncate": {"depth": 3}}}
 
     BLOB = {"dtype": "float32", "shape": [8, 19], "offset": 1024, "bytes": 608}
@@ -86,7 +90,8 @@ from ..nn import ChannelMasked
 from ._layers import spa_layers
 
 MAGIC = b"SPATASK\x00"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # version 2 is version 3 without the "state" section
 FORMAT_NAME = "spa_kernels task package"
 CODEC_STORED = 0
 CODEC_DEFLATE = 1
@@ -225,8 +230,9 @@ def _layer_record(name: str, layer: ChannelMasked, writer: _PayloadWriter) -> di
     return record
 
 
-def encode(model: nn.Module, owned: list[str], compress: bool) -> bytes:
-    """The bytes of ``model``'s package; ``owned`` are the task-specific modules' names."""
+def encode(model: nn.Module, owned: list[str], compress: bool, trained: list[str] = ()) -> bytes:
+    """The bytes of ``model``'s package; ``owned`` are the task-specific modules' names,
+    ``trained`` the qualified names of the other parameters and buffers to store."""
     writer = _PayloadWriter()
     layers = [
         _layer_record(name, layer, writer)
@@ -239,9 +245,11 @@ def encode(model: nn.Module, owned: list[str], compress: bool) -> bytes:
         state = module.state_dict()
         modules.append({"name": name, "kind": type(module).__name__,
                         "tensors": {key: writer.tensor(value) for key, value in state.items()}})
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    state_records = [{"name": name, "tensors": {"value": writer.tensor(tensors[name])}} for name in trained]
     metadata = {name: check_metadata(module.task_metadata(), name) for name, module in metadata_modules(model).items()}
     header = json.dumps(
-        {"format": FORMAT_NAME, "layers": layers, "modules": modules, "metadata": metadata},
+        {"format": FORMAT_NAME, "layers": layers, "modules": modules, "state": state_records, "metadata": metadata},
         separators=(",", ":"), allow_nan=False,
     ).encode("utf-8")
     header += b" " * ((-len(header)) % _ALIGN)
@@ -294,8 +302,9 @@ def parse(data: bytearray, where: str) -> tuple[dict, bytearray, int]:
     if len(data) < smallest:
         raise fail(f"truncated: {len(data)} bytes, a package has at least {smallest}")
     _, version, codec, header_bytes, payload_bytes, body_bytes = _PREFIX.unpack_from(data)
-    if version != FORMAT_VERSION:
-        raise fail(f"format version {version}; this version of spa_kernels reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise fail(f"format version {version}; this version of spa_kernels reads versions "
+                   f"{', '.join(map(str, READABLE_VERSIONS))}")
     expected = _PREFIX.size + body_bytes + _DIGEST_BYTES
     if len(data) < expected:
         raise fail(f"truncated: {len(data)} bytes, its prefix announces {expected}")
@@ -306,6 +315,8 @@ def parse(data: bytearray, where: str) -> tuple[dict, bytearray, int]:
     try:
         decoded = _decode_body(data[_PREFIX.size: expected - _DIGEST_BYTES], codec, header_bytes, payload_bytes)
         header = json.loads(bytes(decoded[:header_bytes]).decode("utf-8"))
+        if version == 2 and isinstance(header, dict):
+            header.setdefault("state", [])
         _check_header(header, payload_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise fail(f"malformed header: {error}") from None
@@ -374,7 +385,7 @@ def _check_header(header: object, payload_bytes: int) -> None:
     """The header's structure (not yet whether it fits a model)."""
     expect(isinstance(header, dict), "not a JSON object")
     expect(header.get("format") == FORMAT_NAME, f"format name {header.get('format')!r}")
-    for section in ("layers", "modules"):
+    for section in ("layers", "modules", "state"):
         records = header.get(section)
         expect(isinstance(records, list), f"no {section!r} list")
         for index, record in enumerate(records):

@@ -71,6 +71,7 @@ class Plan:
     layers: list[_StagedLayer]
     modules: list[tuple[nn.Module, dict[str, Tensor]]]
     metadata: dict[str, dict[str, int]]
+    state: list[tuple[Tensor, Tensor]]  # (target in the model, value on its device and dtype)
 
 
 def stage(model: nn.Module, header: dict, data: bytearray, start: int, where: str) -> Plan:
@@ -111,7 +112,26 @@ def _stage_checked(model: nn.Module, header: dict, data: bytearray, start: int) 
                 f"module {name!r} defines task_metadata but not load_task_metadata")
     layers = [_stage_layer(model_layers[record["name"]], record, data, start) for record in header["layers"]]
     modules = [_stage_module(owned_modules[record["name"]], record, data, start) for record in header["modules"]]
-    return Plan(layers, modules, header["metadata"])
+    return Plan(layers, modules, header["metadata"], _stage_state(model, header["state"], data, start))
+
+
+def _stage_state(model: nn.Module, records: list[dict], data: bytearray, start: int) -> list[tuple[Tensor, Tensor]]:
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    staged = []
+    for record in records:
+        name = record["name"]
+        expect(name in tensors, f"the model has no parameter or buffer {name!r}, which the package stores")
+        blob = record["tensors"].get("value")
+        expect(blob is not None and set(record["tensors"]) == {"value"},
+               f"state entry {name!r} holds tensors {sorted(record['tensors'])}, expected ['value']")
+        target, dtype = tensors[name], DTYPES[blob["dtype"]] if blob["dtype"] in DTYPES else None
+        expect(dtype is not None, f"{name!r}: dtype {blob['dtype']} is not a tensor dtype")
+        expect(tuple(blob["shape"]) == tuple(target.shape),
+               f"{name!r}: shape {blob['shape']} in the package, {list(target.shape)} in the model")
+        expect(dtype == target.dtype or (dtype.is_floating_point and target.dtype.is_floating_point),
+               f"{name!r}: dtype {blob['dtype']} in the package, {target.dtype} in the model")
+        staged.append((target, decode_tensor(data, start, blob).to(device=target.device, dtype=target.dtype)))
+    return staged
 
 
 def _stage_layer(layer: ChannelMasked, record: dict, data: bytearray, start: int) -> _StagedLayer:

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import struct
+import warnings
 import zlib
 
 import pytest
@@ -28,7 +29,7 @@ from spa_kernels.pruning.package import load_task, save_task, task_size
 PREFIX = struct.Struct("<8sIIQQQ")  # magic, version, codec, header, payload and body lengths
 DIGEST = 32
 ALIGN = 16
-VERSION = 2
+VERSION = 3
 STORED, DEFLATE = 0, 1
 HEAD_AND_NORMS = ("head", "stem_bn", "block.bn1", "block.bn2", "down.bn1", "down.bn2", "down.shortcut.1")
 
@@ -109,9 +110,9 @@ def expected_after_load(saved: nn.Module, task_specific: tuple[str, ...] = ()) -
     return state
 
 
-def save_to_bytes(model: nn.Module, task_specific=(), compress: bool = True) -> bytes:
+def save_to_bytes(model: nn.Module, task_specific=(), compress: bool = True, trained_state: bool = True) -> bytes:
     buffer = io.BytesIO()
-    written = save_task(model, buffer, task_specific, compress=compress)
+    written = save_task(model, buffer, task_specific, compress=compress, trained_state=trained_state)
     assert written == len(buffer.getvalue())
     return buffer.getvalue()
 
@@ -255,7 +256,7 @@ def test_switching_between_tasks_on_one_base(tmp_path):
 def test_size_follows_the_stored_per_task_formula(tmp_path):
     torch.manual_seed(0)
     model = randomise_task(converted(ResidualCNN(), rank=4), seed=30, keep=0.5)
-    stored = save_to_bytes(model, compress=False)
+    stored = save_to_bytes(model, compress=False, trained_state=False)  # the SPA layers' entries only
     values = mask_bytes = blobs = 0
     for layer in spa_layers(model).values():  # docs/design.md §1: r·(|O| + |S|) + |O| values per SPLoRA layer
         active_in, active_out = int(layer.in_mask.sum()), int(layer.out_mask.sum())
@@ -270,11 +271,13 @@ def test_size_follows_the_stored_per_task_formula(tmp_path):
     assert formula <= payload_bytes <= formula + (ALIGN - 1) * blobs
     assert header_bytes < 4096
 
-    deflated = save_to_bytes(model)
+    deflated = save_to_bytes(model, trained_state=False)
     assert read_parts(deflated) == read_parts(stored)  # the same header and payload, deflated
     assert len(deflated) < len(stored)
     path = tmp_path / "task.spa"
-    assert save_task(model, path) == len(deflated) == task_size(path) == task_size(model)
+    assert save_task(model, path, trained_state=False) == len(deflated) == task_size(path)
+    assert task_size(model, trained_state=False) == len(deflated)
+    assert task_size(model) == save_task(model, path) > len(deflated)  # plus the batch norms
 
 
 def test_deflate_shrinks_float32_values_by_their_exponent_bytes():
@@ -414,7 +417,7 @@ BAD_BYTES = {
     "trailing bytes": (lambda data: data + b"\0", "unexpected bytes"),
     "wrong magic": (lambda data: b"PK\x03\x04" + data[4:], "magic"),
     "older version": (resealed(version=1), "format version 1"),
-    "newer version": (resealed(version=3), "format version 3"),
+    "newer version": (resealed(version=4), "format version 4"),
     "unknown codec": (resealed(codec=7), "unknown codec 7"),
     "deflate stream not zlib": (lambda data: reseal_body(data, b"not a zlib stream"), "corrupt deflate stream"),
     "deflate stream cut short": (lambda data: reseal_body(data, zlib.compress(data)[:40]),
@@ -541,4 +544,66 @@ def test_task_metadata_must_be_a_dict_of_integers():
     model = nn.Sequential(Truncation(depth=2))
     model[0].task_metadata = lambda: {"depth": 2.5}
     with pytest.raises(TypeError, match="dict\\[str, int\\]"):
+        save_to_bytes(model)
+
+
+# --------------------------------------------------------------------------- trained state outside the SPA layers
+
+
+def test_batch_norms_are_stored_by_default_and_restore_the_model():
+    torch.manual_seed(0)
+    saved = randomise_task(converted(ResidualCNN()), seed=60)
+    header = json.loads(read_parts(save_to_bytes(saved))[0])
+    stored = {record["name"] for record in header["state"]}
+    assert {"stem_bn.weight", "stem_bn.running_var", "stem_bn.num_batches_tracked", "down.shortcut.1.bias"} <= stored
+    model = randomise_task(copy.deepcopy(saved), seed=61)
+    load_bytes(model, save_to_bytes(saved, ["head"]))
+    for key, value in expected_after_load(saved, ("head",)).items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_version_2_packages_still_load():
+    torch.manual_seed(0)
+    saved = randomise_task(converted(ResidualCNN()), seed=62)
+    header, payload = read_parts(save_to_bytes(saved, HEAD_AND_NORMS, trained_state=False))
+    header = json.loads(header)
+    assert header.pop("state") == []
+    model = randomise_task(copy.deepcopy(saved), seed=63)
+    load_bytes(model, reseal(header, payload, version=2))
+    for key, value in expected_after_load(saved, HEAD_AND_NORMS).items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def rename_state(header: dict) -> None:
+    header["state"][0]["name"] = "stem_bn.no_such_tensor"
+
+
+def reshape_state(header: dict) -> None:
+    header["state"][0]["tensors"]["value"]["shape"] = [2, 4]
+
+
+@pytest.mark.parametrize(("change", "message"), [(rename_state, "no parameter or buffer"), (reshape_state, "shape")])
+def test_state_entry_that_does_not_fit_is_refused_and_model_unchanged(change, message):
+    torch.manual_seed(0)
+    saved = randomise_task(converted(ResidualCNN()), seed=64)
+    data = doctored_header(save_to_bytes(saved), change)
+    model = randomise_task(copy.deepcopy(saved), seed=65)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        load_bytes(model, data)
+    assert_same_state(snapshot(model), before)
+
+
+def test_trainable_tensors_left_out_are_named_in_a_warning():
+    torch.manual_seed(0)
+    model = converted(ResidualCNN())
+    with pytest.warns(UserWarning, match=r"stem_bn\.weight"):
+        save_to_bytes(model, trained_state=False)
+    model.block.conv1.weight.requires_grad_(True)  # masked fine-tuning: the frozen base is not in a package
+    with pytest.warns(UserWarning, match=r"block\.conv1\.weight") as caught:
+        save_to_bytes(model)
+    assert "stem_bn" not in str(caught[0].message)
+    model.block.conv1.weight.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         save_to_bytes(model)
