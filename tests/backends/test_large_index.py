@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import spa_kernels
+from spa_kernels.backend import cpu as cpu_backend
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not spa_kernels.cpu.BUILT, reason="the cpu backend is not built"),
+    pytest.mark.skipif(not cpu_backend.BUILT, reason="the cpu backend is not built"),
 ]
 
 ROWS = 1 << 16
