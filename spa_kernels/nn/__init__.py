@@ -5,6 +5,7 @@ move between the two libraries; the forward pass runs the fused masked kernels.
 """
 
 from ._masks import ChannelMasked
+from .attention import SPLoRAMultiheadAttention
 from .linear import SPLoRALinear
 from .splora_conv import SPLoRAConv1d, SPLoRAConv2d, SPLoRAConv3d
 from .sppara_conv import SPPaRAConv1d, SPPaRAConv2d, SPPaRAConv3d
@@ -15,6 +16,7 @@ __all__ = [
     "SPLoRAConv2d",
     "SPLoRAConv3d",
     "SPLoRALinear",
+    "SPLoRAMultiheadAttention",
     "SPPaRAConv1d",
     "SPPaRAConv2d",
     "SPPaRAConv3d",
