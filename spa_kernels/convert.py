@@ -22,6 +22,7 @@ from .nn import (
     SPLoRAConv2d,
     SPLoRAConv3d,
     SPLoRALinear,
+    SPLoRAMultiheadAttention,
     SPPaRAConv1d,
     SPPaRAConv2d,
     SPPaRAConv3d,
@@ -32,6 +33,7 @@ logger = logging.getLogger("spa_kernels")
 # torch layer type -> SPA module type (whose ``from_module`` builds the replacement).
 TORCH_REPLACEMENTS: dict[type[nn.Module], type[ChannelMasked]] = {
     nn.Linear: SPLoRALinear,
+    nn.MultiheadAttention: SPLoRAMultiheadAttention,
 }
 
 # torch convolution type -> SPA module type, per ``conv_adapter``.
@@ -48,6 +50,7 @@ FULL_RANK_TYPES: tuple[type[ChannelMasked], ...] = (SPPaRAConv1d, SPPaRAConv2d, 
 # Each keeps its own kind of adapter, whatever ``conv_adapter`` says.
 SP_ADAPTERS_REPLACEMENTS: dict[str, type[ChannelMasked]] = {
     "SPLoRALinear": SPLoRALinear,
+    "SPLoRAMultiheadAttention": SPLoRAMultiheadAttention,
     "SPLoRAConv1d": SPLoRAConv1d,
     "SPLoRAConv2d": SPLoRAConv2d,
     "SPLoRAConv3d": SPLoRAConv3d,
@@ -131,7 +134,8 @@ def convert(
     the same kind and keep their own adapter and rank.  SPA modules are left as
     they are, so converting twice changes nothing.
 
-    Left unchanged with a warning: ``nn.MultiheadAttention``, subclasses of
+    ``nn.MultiheadAttention`` becomes :class:`spa_kernels.nn.SPLoRAMultiheadAttention`.
+    Left unchanged with a warning: subclasses of ``nn.MultiheadAttention``,
     ``nn.Linear``/``nn.ConvNd``, and convolutions with an even kernel size (the
     adapter sits on the kernel's centre tap).  Grouped and depthwise convolutions
     are converted; they run on the reference backend (warned about once), so they
