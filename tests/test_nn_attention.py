@@ -349,12 +349,12 @@ def test_masks_that_change_are_followed(backend):
 
 def test_finer_channel_masks_inside_active_heads_are_honoured():
     layer = make_pruned()
-    inside = layer.q_proj.out_mask.clone()
-    inside[4] = False  # one channel of an active head, q and k alike keep the scores consistent
-    layer.q_proj.set_masks(out_mask=inside)
-    layer.k_proj.set_masks(out_mask=inside)
+    for proj, channel in (("q_proj", 1), ("v_proj", 9)):  # channels of active heads 0 and 2
+        inside = getattr(layer, proj).out_mask.clone()
+        inside[channel] = False
+        getattr(layer, proj).set_masks(out_mask=inside)
     query = torch.randn(2, 5, 16)
-    assert_close(layer(query, query, query)[0], oracle(layer, query, query, query)[0], "channel-pruned head")
+    assert_close(layer(query, query, query)[0], oracle(layer, query, query, query)[0], "channel-pruned heads")
 
 
 # ----------------------------------------------------------------------------- sp_adapters interop
