@@ -51,8 +51,9 @@ def randomise_adapters(layer: nn.Module) -> None:
                 p.normal_()
 
 
-def torch_pair(embed=16, heads=4, kdim=None, vdim=None, batch_first=False, bias=True, backend=None):
-    base = nn.MultiheadAttention(embed, heads, bias=bias, kdim=kdim, vdim=vdim, batch_first=batch_first)
+def torch_pair(embed=16, heads=4, kdim=None, vdim=None, batch_first=False, bias=True, backend=None, extras=(False, False)):
+    base = nn.MultiheadAttention(embed, heads, bias=bias, add_bias_kv=extras[0], add_zero_attn=extras[1],
+                                 kdim=kdim, vdim=vdim, batch_first=batch_first)
     with torch.no_grad():
         for p in (base.in_proj_bias, base.out_proj.bias):
             if p is not None:
@@ -104,12 +105,18 @@ MASK_KINDS = ("none", "bool_attn", "float_attn_3d", "bool_padding", "bool_both",
               "causal_padding")
 
 
-@pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("dims", [(None, None), (6, 10)], ids=["self", "kv_dims"])
-@pytest.mark.parametrize("batched", [True, False])
-def test_matches_torch_for_every_argument_combination(batch_first, dims, batched):
+# Every layout, key/value width and batching without appended keys; the appended keys
+# (add_bias_kv, add_zero_attn) with batched self-attention in both layouts.
+TORCH_CASES = [
+    *itertools.product((False, True), ((None, None), (6, 10)), (True, False), [(False, False)]),
+    *itertools.product((False, True), [(None, None)], [True], [(True, False), (False, True), (True, True)]),
+]
+
+
+@pytest.mark.parametrize("batch_first, dims, batched, extras", TORCH_CASES)
+def test_matches_torch_for_every_argument_combination(batch_first, dims, batched, extras):
     kdim, vdim = dims
-    base, ours = torch_pair(kdim=kdim, vdim=vdim, batch_first=batch_first)
+    base, ours = torch_pair(kdim=kdim, vdim=vdim, batch_first=batch_first, extras=extras)
     target, source = (5, 5) if kdim is None else (5, 7)
     query, key, value = inputs(ours, target=target, source=source, batched=batched)
     for kind, need_weights, average in itertools.product(MASK_KINDS, (True, False), (True, False)):
@@ -171,9 +178,10 @@ def test_dropout_applies_in_training_only():
 # ----------------------------------------------------------------------------- head pruning oracle
 
 
-def make_pruned(backend=None, kdim=None, vdim=None, batch_first=True, bias=True, heads=4, head_mask=None):
-    layer = SPLoRAMultiheadAttention(16, heads, bias=bias, kdim=kdim, vdim=vdim, batch_first=batch_first,
-                                     rank=3, backend=backend)
+def make_pruned(backend=None, kdim=None, vdim=None, batch_first=True, bias=True, heads=4, head_mask=None,
+                extras=(False, False)):
+    layer = SPLoRAMultiheadAttention(16, heads, bias=bias, add_bias_kv=extras[0], add_zero_attn=extras[1],
+                                     kdim=kdim, vdim=vdim, batch_first=batch_first, rank=3, backend=backend)
     randomise_adapters(layer)
     if head_mask is None:
         head_mask = torch.tensor([True, False, True, True][:heads] if heads == 4 else [True] * heads)
@@ -211,16 +219,25 @@ def oracle(layer, query, key, value, key_padding_mask=None, attn_mask=None):
         y = x @ effective(proj, rows=head_channels).t()
         if b is not None:
             y = y + b * (proj.out_mask & head_channels).double()
-        projected.append(y.unflatten(-1, (heads, d)).transpose(1, 2))
+        projected.append(y)
     q, k, v = projected
+    batch, source = k.shape[0], k.shape[1]
+    if layer.bias_k is not None:  # one more key/value per sequence
+        k = torch.cat([k, layer.bias_k.double().expand(batch, 1, -1)], dim=1)
+        v = torch.cat([v, layer.bias_v.double().expand(batch, 1, -1)], dim=1)
+    if layer.add_zero_attn:
+        k, v = (torch.cat([t, t.new_zeros(batch, 1, t.shape[2])], dim=1) for t in (k, v))
+    extra = k.shape[1] - source
+    q, k, v = (t.unflatten(-1, (heads, d)).transpose(1, 2) for t in (q, k, v))
     scores = q @ k.transpose(-2, -1) / math.sqrt(d)
     if attn_mask is not None:
         add = attn_mask.double() if attn_mask.is_floating_point() else attn_mask.double() * -1e300
-        scores = scores + (add if add.dim() == 2 else add.view(scores.shape))
+        add = F.pad(add if add.dim() == 2 else add.view(batch, heads, -1, source), (0, extra))
+        scores = scores + add
     if key_padding_mask is not None:
         add = key_padding_mask.double()
         add = add if key_padding_mask.is_floating_point() else add * -1e300
-        scores = scores + add[:, None, None, :]
+        scores = scores + F.pad(add, (0, extra))[:, None, None, :]
     weights = torch.softmax(scores, dim=-1)
     heads_out = (weights @ v) * layer.head_mask.double()[None, :, None, None]
     concat = heads_out.transpose(1, 2).flatten(2)
@@ -237,12 +254,13 @@ def trainable(layer):
 
 
 @pytest.mark.parametrize("need_weights", [True, False])
-@pytest.mark.parametrize("case", ["self", "cross_kv_dims", "seq_first_no_bias"])
+@pytest.mark.parametrize("case", ["self", "cross_kv_dims", "seq_first_no_bias", "bias_kv_zero_attn"])
 def test_pruned_heads_match_the_dense_oracle_forward_and_every_gradient(backend, need_weights, case):
     config = {
         "self": dict(),
         "cross_kv_dims": dict(kdim=6, vdim=10),
         "seq_first_no_bias": dict(batch_first=False, bias=False),
+        "bias_kv_zero_attn": dict(extras=(True, True)),
     }[case]
     layer = make_pruned(backend=backend, **config)
     query, key, value = inputs(layer, batch=2, target=5, source=5 if case != "cross_kv_dims" else 6)
@@ -282,6 +300,9 @@ def test_pruned_heads_match_the_dense_oracle_forward_and_every_gradient(backend,
         assert torch.all(by_name["out_proj.bias"][~layer.out_proj.out_mask] == 0)
     assert torch.all(by_name["out_proj.adapter.rows"][0][:, pruned_channels] == 0)
     assert torch.all(by_name["out_proj.adapter.cols"][0][~layer.out_proj.out_mask] == 0)
+    if layer.bias_k is not None:
+        assert torch.all(by_name["bias_k"][..., pruned_channels] == 0)
+        assert torch.all(by_name["bias_v"][..., pruned_channels] == 0)
     assert torch.all(by_name["query"][..., ~layer.q_proj.in_mask] == 0)
 
 
@@ -360,12 +381,13 @@ def test_finer_channel_masks_inside_active_heads_are_honoured():
 # ----------------------------------------------------------------------------- sp_adapters interop
 
 
-@pytest.mark.parametrize("dims", [(None, None), (6, 10)], ids=["self", "kv_dims"])
-def test_sp_adapters_state_dict_loads_strictly(dims):
+@pytest.mark.parametrize("dims, bias_kv", [((None, None), False), ((6, 10), False), ((None, None), True)],
+                         ids=["self", "kv_dims", "bias_kv"])
+def test_sp_adapters_state_dict_loads_strictly(dims, bias_kv):
     kdim, vdim = dims
-    theirs = sp_adapters.SPLoRAMultiheadAttention(16, 4, kdim=kdim, vdim=vdim, rank=3)
+    theirs = sp_adapters.SPLoRAMultiheadAttention(16, 4, add_bias_kv=bias_kv, kdim=kdim, vdim=vdim, rank=3)
     randomise_adapters(theirs)
-    ours = SPLoRAMultiheadAttention(16, 4, kdim=kdim, vdim=vdim, rank=3)
+    ours = SPLoRAMultiheadAttention(16, 4, add_bias_kv=bias_kv, kdim=kdim, vdim=vdim, rank=3)
     ours.set_masks(head_mask=torch.tensor([True, False, True, True]))
     ours.load_state_dict(theirs.state_dict(), strict=True)
     assert ours.head_idx is None and bool(ours.head_mask.all())
@@ -422,10 +444,12 @@ def test_state_dict_round_trip_keeps_head_mask():
 # ----------------------------------------------------------------------------- conversion
 
 
-@pytest.mark.parametrize("dims", [(None, None), (6, 10)], ids=["self", "kv_dims"])
-def test_from_module_then_to_module_round_trip(dims):
+@pytest.mark.parametrize("dims, extras", [((None, None), (False, False)), ((6, 10), (False, False)),
+                                          ((None, None), (True, True))], ids=["self", "kv_dims", "bias_kv_zero_attn"])
+def test_from_module_then_to_module_round_trip(dims, extras):
     kdim, vdim = dims
-    base = nn.MultiheadAttention(16, 4, kdim=kdim, vdim=vdim, batch_first=True)
+    base = nn.MultiheadAttention(16, 4, add_bias_kv=extras[0], add_zero_attn=extras[1], kdim=kdim, vdim=vdim,
+                                 batch_first=True)
     ours = SPLoRAMultiheadAttention.from_module(base, rank=2)
     randomise_adapters(ours)
     query, key, value = inputs(ours, source=5 if kdim is None else 7)
@@ -447,13 +471,11 @@ def test_from_module_then_to_module_round_trip(dims):
     assert torch.equal(again(query, key, value)[0], ours(query, key, value)[0])
 
 
-def test_from_module_keeps_dtype_training_mode_and_refuses_bias_kv():
+def test_from_module_keeps_dtype_and_training_mode_and_checks_its_argument():
     base = nn.MultiheadAttention(8, 2, dtype=torch.float64).eval()
     ours = SPLoRAMultiheadAttention.from_module(base)
     assert ours.q_proj.weight.dtype == torch.float64 and not ours.training
     assert not ours.q_proj.weight.requires_grad and ours.in_proj_bias.requires_grad
-    with pytest.raises(ValueError, match="add_bias_kv"):
-        SPLoRAMultiheadAttention.from_module(nn.MultiheadAttention(8, 2, add_bias_kv=True))
     with pytest.raises(TypeError, match="module"):
         SPLoRAMultiheadAttention.from_module(nn.Linear(8, 8))
 
@@ -516,8 +538,6 @@ def test_bad_masks_raise_naming_the_argument(kwargs, error, argument):
     (dict(embed_dim=16, num_heads=5), ValueError, "num_heads"),
     (dict(embed_dim=16, num_heads=0), ValueError, "num_heads"),
     (dict(embed_dim=16.0, num_heads=4), TypeError, "embed_dim"),
-    (dict(embed_dim=16, num_heads=4, add_bias_kv=True), ValueError, "add_bias_kv"),
-    (dict(embed_dim=16, num_heads=4, add_zero_attn=True), ValueError, "add_zero_attn"),
     (dict(embed_dim=16, num_heads=4, dropout=1.5), ValueError, "dropout"),
     (dict(embed_dim=16, num_heads=4, rank=0), ValueError, "rank"),
 ])

@@ -59,7 +59,8 @@ class SPLoRAMultiheadAttention(nn.Module):
     Args:
         embed_dim, num_heads, dropout, bias, kdim, vdim, batch_first, device, dtype:
             as :class:`torch.nn.MultiheadAttention`.
-        add_bias_kv, add_zero_attn: only ``False`` is supported.
+        add_bias_kv, add_zero_attn: as torch: a learned key/value (``bias_k``/``bias_v``,
+            ``(1, 1, embed_dim)``), or a zero key/value, appended to every sequence.
         rank, init_range, scale, backend: as :class:`SPLoRALinear`, for all four projections.
 
     Parameters and buffers (the layout of ``sp_adapters.SPLoRAMultiheadAttention`` 0.7.1,
@@ -101,9 +102,6 @@ class SPLoRAMultiheadAttention(nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
-        for flag, name in ((add_bias_kv, "add_bias_kv"), (add_zero_attn, "add_zero_attn")):
-            if flag:
-                raise ValueError(f"{name}=True is not supported by SPLoRAMultiheadAttention")
         factory = {"device": device, "dtype": dtype}
         adapter = {"rank": rank, "init_range": init_range, "scale": scale, "backend": backend}
         self.embed_dim = embed_dim
@@ -117,8 +115,7 @@ class SPLoRAMultiheadAttention(nn.Module):
         # read `in_proj_weight` when this is True; our q/k/v are separate layers, so it is False.
         self._qkv_same_embed_dim = False
         self.in_proj_weight = None
-        self.bias_k = self.bias_v = None
-        self.add_zero_attn = False
+        self.add_zero_attn = bool(add_zero_attn)
         # Construction order and init are sp_adapters', so equal seeds give equal layers.
         self.q_proj = SPLoRALinear(embed_dim, embed_dim, False, **factory, **adapter)
         self.k_proj = SPLoRALinear(self.kdim, embed_dim, False, **factory, **adapter)
@@ -128,6 +125,11 @@ class SPLoRAMultiheadAttention(nn.Module):
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = SPLoRALinear(embed_dim, embed_dim, bias, **factory, **adapter)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None
         self.register_buffer(HEAD_MASK, torch.ones(num_heads, dtype=torch.bool, device=device))
         self.register_buffer("head_idx", None, persistent=False)
         self._reset_parameters()
@@ -138,6 +140,9 @@ class SPLoRAMultiheadAttention(nn.Module):
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
 
     @property
     def rank(self) -> int:
@@ -268,16 +273,31 @@ class SPLoRAMultiheadAttention(nn.Module):
         The bias is added after the gather, so a pruned head's bias is never read.
         """
         heads = projected.unflatten(-1, (self.num_heads, self.head_dim))
-        if self.head_idx is not None:
-            heads = heads.index_select(2, self.head_idx)
-        if bias is not None:
-            if out_idx is not None:  # channels pruned inside active heads stay zero
-                bias = bias * out_mask
-            bias = bias.view(self.num_heads, self.head_dim)
-            if self.head_idx is not None:
-                bias = bias.index_select(0, self.head_idx)
-            heads = heads + bias
+        if bias is not None and out_idx is not None:  # channels pruned inside active heads stay zero
+            bias = bias * out_mask
+        if self.head_idx is None:
+            return (heads if bias is None else heads + bias.view(self.num_heads, self.head_dim)).transpose(1, 2)
+        heads = heads.index_select(2, self.head_idx)
+        if bias is not None:  # in place: the gather made a fresh tensor, which its backward does not need
+            heads = heads.add_(self._active_heads_of(bias))
         return heads.transpose(1, 2)
+
+    def _active_heads_of(self, per_channel: Tensor) -> Tensor:
+        """``(embed_dim,)``-shaped values → ``(active heads, head_dim)``."""
+        per_head = per_channel.reshape(self.num_heads, self.head_dim)
+        return per_head if self.head_idx is None else per_head.index_select(0, self.head_idx)
+
+    def _append_extra_keys(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """``bias_k``/``bias_v`` and the zero key/value appended to ``(N, heads, S, d)``."""
+        batch, heads, _, _ = key.shape
+        if self.bias_k is not None:
+            extra_key = self._active_heads_of(self.bias_k).unsqueeze(1).expand(batch, heads, 1, self.head_dim)
+            extra_value = self._active_heads_of(self.bias_v).unsqueeze(1).expand(batch, heads, 1, self.head_dim)
+            key, value = torch.cat([key, extra_key], dim=2), torch.cat([value, extra_value], dim=2)
+        if self.add_zero_attn:
+            zeros = key.new_zeros(batch, heads, 1, self.head_dim)
+            key, value = torch.cat([key, zeros], dim=2), torch.cat([value, zeros], dim=2)
+        return key, value
 
     def forward(
         self,
@@ -335,6 +355,7 @@ class SPLoRAMultiheadAttention(nn.Module):
         )
         batch, _, target, _ = q.shape
         source = k.shape[2]
+        k, v = self._append_extra_keys(k, v)
 
         mask = None
         if attn_mask is not None:
@@ -347,6 +368,8 @@ class SPLoRAMultiheadAttention(nn.Module):
         if key_padding_mask is not None:
             padding = key_padding_mask.view(batch, 1, 1, source)
             mask = padding if mask is None else mask + padding
+        if mask is not None and k.shape[2] > source:  # the appended keys may always be attended
+            mask = F.pad(mask, (0, k.shape[2] - source))
         dropout = self.dropout if self.training else 0.0
 
         weights = None
@@ -417,14 +440,12 @@ class SPLoRAMultiheadAttention(nn.Module):
             raise TypeError(
                 f"module must be an nn.MultiheadAttention or an SPLoRA attention layer, got {type(module).__name__}"
             )
-        if module.bias_k is not None or module.add_zero_attn:
-            raise ValueError("module has add_bias_kv or add_zero_attn, which SPLoRAMultiheadAttention does not support")
         reference = module.out_proj.weight
         if adapted:
             rank = module.q_proj.adapter.rows.shape[1]
         layer = cls(
             module.embed_dim, module.num_heads, module.dropout, module.in_proj_bias is not None,
-            kdim=module.kdim, vdim=module.vdim, batch_first=module.batch_first,
+            module.bias_k is not None, module.add_zero_attn, kdim=module.kdim, vdim=module.vdim, batch_first=module.batch_first,
             device=reference.device, dtype=reference.dtype,
             rank=rank, init_range=init_range, scale=scale, backend=backend,
         )
@@ -448,6 +469,9 @@ class SPLoRAMultiheadAttention(nn.Module):
                 layer.in_proj_bias.copy_(module.in_proj_bias)
             if module.out_proj.bias is not None:
                 layer.out_proj.bias.copy_(module.out_proj.bias)
+            if module.bias_k is not None:
+                layer.bias_k.copy_(module.bias_k)
+                layer.bias_v.copy_(module.bias_v)
         if ours:
             for name in names:
                 source = getattr(module, name)
@@ -475,7 +499,7 @@ class SPLoRAMultiheadAttention(nn.Module):
         reference = self.q_proj.weight
         module = nn.MultiheadAttention(
             self.embed_dim, self.num_heads, self.dropout, self.in_proj_bias is not None,
-            kdim=self.kdim, vdim=self.vdim, batch_first=self.batch_first,
+            self.bias_k is not None, self.add_zero_attn, kdim=self.kdim, vdim=self.vdim, batch_first=self.batch_first,
             device=reference.device, dtype=reference.dtype,
         )
         if module._qkv_same_embed_dim:
@@ -488,6 +512,9 @@ class SPLoRAMultiheadAttention(nn.Module):
             active = torch.cat([p.out_mask & head_channels for p in (self.q_proj, self.k_proj, self.v_proj)])
             module.in_proj_bias.copy_(self.in_proj_bias * active.to(reference.dtype))
             module.out_proj.bias.copy_(out_proj.bias)
+        if self.bias_k is not None:  # a pruned head's bias_v would otherwise reach its output
+            module.bias_k.copy_(self.bias_k * head_channels.to(reference.dtype))
+            module.bias_v.copy_(self.bias_v * head_channels.to(reference.dtype))
         return module.train(self.training)
 
     def extra_repr(self) -> str:
