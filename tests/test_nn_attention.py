@@ -368,6 +368,24 @@ def test_masks_that_change_are_followed(backend):
     assert layer.head_idx is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_head_indices_move_with_the_module_and_forward_does_not_sync():
+    layer = make_pruned(extras=(True, True)).cuda()
+    assert layer.head_idx.is_cuda and layer.q_proj.out_idx.is_cuda
+    query = torch.randn(2, 5, 16, device="cuda")
+    padding = torch.zeros(2, 5, dtype=torch.bool, device="cuda")
+    for need_weights in (True, False):
+        layer(query, query, query, key_padding_mask=padding, need_weights=need_weights)  # warm up
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = layer(query, query, query, key_padding_mask=padding, need_weights=need_weights)[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        expected = oracle(layer.cpu(), query.cpu(), query.cpu(), query.cpu(), key_padding_mask=padding.cpu())[0]
+        assert_close(out.cpu(), expected, f"cuda output (need_weights={need_weights})")
+        layer.cuda()
+
+
 def test_finer_channel_masks_inside_active_heads_are_honoured():
     layer = make_pruned()
     for proj, channel in (("q_proj", 1), ("v_proj", 9)):  # channels of active heads 0 and 2
