@@ -590,3 +590,15 @@ def test_forward_compiles_without_graph_breaks():
     for need_weights in (True, False):
         expected = layer(query, query, query, need_weights=need_weights)[0]
         assert torch.equal(compiled(query, query, query, need_weights=need_weights)[0], expected)
+
+
+def test_channel_groups_of_a_converted_transformer_leave_attention_out():
+    from spa_kernels.pruning import channel_groups
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),
+                          nn.Linear(16, 3))
+    converted = spa_kernels.convert(model, rank=2)
+    groups = channel_groups(converted, torch.randn(2, 5, 8))
+    members = [name for group in groups for name in (*group.producers, *group.consumers)]
+    assert [(group.producers, group.consumers) for group in groups] == [(["1.linear1"], ["1.linear2"])]
+    assert not any("self_attn" in name for name in members)

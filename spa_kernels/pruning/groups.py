@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from ..nn import ChannelMasked
+from ..nn import ChannelMasked, SPLoRAMultiheadAttention
 from ._layers import spa_layers
 
 logger = logging.getLogger("spa_kernels")
@@ -462,8 +462,12 @@ def _ignored_names(model: nn.Module, ignored_layers) -> list[str]:
 def _shadow(model: nn.Module, layers: dict[str, ChannelMasked]) -> nn.Module:
     """A CPU float32 copy of ``model`` with every SPA layer replaced by a zero torch layer of its shape."""
     memo: dict[int, object] = {id(layer): _plain_layer(layer) for layer in layers.values()}
+    # Attention stands in the shadow as the torch layer it replaces, so its channels are
+    # traced (and left out) exactly as for an unconverted model.
+    memo.update((id(module), _plain_attention(module)) for module in model.modules()
+                if isinstance(module, SPLoRAMultiheadAttention))
     for module in model.modules():
-        if isinstance(module, ChannelMasked):
+        if isinstance(module, (ChannelMasked, SPLoRAMultiheadAttention)):
             continue
         for parameter in module.parameters(recurse=False):
             memo.setdefault(id(parameter), nn.Parameter(_cpu_copy(parameter),
@@ -496,6 +500,18 @@ def _plain_layer(layer: ChannelMasked) -> nn.Module:
         for parameter in plain.parameters():
             parameter.zero_()
     return plain.train(layer.training)
+
+
+def _plain_attention(attention: SPLoRAMultiheadAttention) -> nn.Module:
+    plain = nn.MultiheadAttention(
+        attention.embed_dim, attention.num_heads, attention.dropout, attention.in_proj_bias is not None,
+        attention.bias_k is not None, attention.add_zero_attn, attention.kdim, attention.vdim,
+        attention.batch_first, device="meta",
+    ).to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in plain.parameters():
+            parameter.zero_()
+    return plain.train(attention.training)
 
 
 def _group_from(tp_group, graph, names, layers, output_grad_fns, optype):
