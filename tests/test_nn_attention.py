@@ -129,6 +129,7 @@ def test_matches_torch_for_every_argument_combination(batch_first, dims, batched
         actual, weights = ours(query, key, value, **kwargs)
         what = f"{kind}, need_weights={need_weights}, average={average}"
         assert_close(actual, expected, f"output ({what})")
+        assert actual.is_contiguous(), "the output should be contiguous in the caller's layout"
         if need_weights:
             assert_close(weights, expected_weights, f"weights ({what})")
         else:
@@ -162,6 +163,20 @@ def test_eval_no_grad_and_train_agree_without_dropout():
     with torch.inference_mode():
         eval_out = ours(query, query, query)[0]
     assert_close(eval_out, train_out, "eval vs train")
+
+
+def test_autocast_error_is_no_worse_than_torch():
+    base, ours = torch_pair(batch_first=True)
+    query = torch.randn(2, 5, 16)
+    for need_weights in (True, False):
+        expected = base(query, query, query, need_weights=need_weights)[0].double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch_out = base(query, query, query, need_weights=need_weights)[0]
+            ours_out = ours(query, query, query, need_weights=need_weights)[0]
+        torch_error = (torch_out.double() - expected).abs().max().item()
+        ours_error = (ours_out.double() - expected).abs().max().item()
+        print(f"need_weights={need_weights}: bf16 autocast error ours {ours_error:.3e}, torch {torch_error:.3e}")
+        assert ours_error <= 2 * torch_error
 
 
 def test_dropout_applies_in_training_only():

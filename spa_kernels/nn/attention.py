@@ -265,12 +265,13 @@ class SPLoRAMultiheadAttention(nn.Module):
     def _heads(self, projected: Tensor, bias: Tensor | None, out_mask: Tensor, out_idx: Tensor | None) -> Tensor:
         """``(N, T, embed_dim)`` projection → ``(N, active heads, T, head_dim)`` plus bias.
 
-        The SPLoRALinear writes the full width with zeros at pruned heads (a memset,
-        while the GEMM covers the active rows only); we then gather the active heads
-        once.  Going through the layer's own ``forward`` (not the op) keeps its hooks
-        (pruning criteria, FLOP accounting) working; the price is one copy of the
-        active part, ``O(tokens·active)``, against the ``O(tokens·active·in)`` GEMM.
-        The bias is added after the gather, so a pruned head's bias is never read.
+        The SPLoRALinear writes the full width with zeros at pruned heads (a memset; its
+        GEMM covers the active rows only), and the active heads are then gathered once.
+        A compact output straight from the op would save the memset and this copy, but a
+        layer's output is full width by contract, and calling the layer itself (not its
+        op) keeps its hooks (pruning criteria, FLOP accounting) working.  The copy costs
+        ``O(tokens·active)`` against the ``O(tokens·active·in)`` GEMM.  The bias is added
+        to the gathered heads, so a pruned head's bias is never read.
         """
         heads = projected.unflatten(-1, (self.num_heads, self.head_dim))
         if bias is not None and out_idx is not None:  # channels pruned inside active heads stay zero
@@ -384,15 +385,15 @@ class SPLoRAMultiheadAttention(nn.Module):
         else:
             heads_out = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal_core)
 
-        # (N, heads, L, d) -> (N, L, heads, d), then full width with zeros at pruned heads
-        # (out_proj's in index list skips them, but its input must be embed_dim wide).
-        heads_out = heads_out.transpose(1, 2)
+        # (N, heads, L, d) -> the caller's layout, (N, L, heads, d) or (L, N, heads, d), so that
+        # the output comes out contiguous; then full width with zeros at pruned heads (out_proj's
+        # in index list skips them, but its input must be embed_dim wide).
+        heads_out = heads_out.permute(0, 2, 1, 3) if batch_first else heads_out.permute(2, 0, 1, 3)
+        heads_out = heads_out.to(q.dtype)  # autocast may run the core in lower precision than the layers
         if self.head_idx is not None:
-            full = heads_out.new_zeros(batch, target, self.num_heads, self.head_dim)
+            full = heads_out.new_zeros(*heads_out.shape[:2], self.num_heads, self.head_dim)
             heads_out = full.index_copy(2, self.head_idx, heads_out)
-        output = self.out_proj(heads_out.reshape(batch, target, self.embed_dim))
-        if not batch_first:
-            output = output.transpose(0, 1)
+        output = self.out_proj(heads_out.reshape(*heads_out.shape[:2], self.embed_dim))
         if not batched:
             output = output.squeeze(0)
 
