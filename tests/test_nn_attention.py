@@ -321,6 +321,20 @@ def test_pruned_heads_match_the_dense_oracle_forward_and_every_gradient(backend,
     assert torch.all(by_name["query"][..., ~layer.q_proj.in_mask] == 0)
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_gradcheck_float64_with_pruned_heads(need_weights):
+    layer = make_pruned(backend="reference", kdim=6, vdim=10, extras=(True, False)).double()
+    query = torch.randn(1, 2, 16, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(1, 3, 6, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(1, 3, 10, dtype=torch.float64, requires_grad=True)
+
+    def attend(query, key, value):
+        out, weights = layer(query, key, value, need_weights=need_weights, average_attn_weights=False)
+        return out if weights is None else (out, weights)
+
+    assert torch.autograd.gradcheck(attend, (query, key, value))
+
+
 def test_pruned_weights_are_zero_and_average_is_over_active_heads():
     layer = make_pruned()
     query = torch.randn(2, 5, 16)
