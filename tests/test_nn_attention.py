@@ -623,13 +623,28 @@ def test_forward_compiles_without_graph_breaks():
         assert torch.equal(compiled(query, query, query, need_weights=need_weights)[0], expected)
 
 
-def test_channel_groups_of_a_converted_transformer_leave_attention_out():
-    from spa_kernels.pruning import channel_groups
+def test_channel_groups_of_a_converted_transformer_prune_whole_heads():
+    from spa_kernels.pruning import AttentionGroup, channel_groups
 
     model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),
                           nn.Linear(16, 3))
     converted = spa_kernels.convert(model, rank=2)
     groups = channel_groups(converted, torch.randn(2, 5, 8))
-    members = [name for group in groups for name in (*group.producers, *group.consumers)]
-    assert [(group.producers, group.consumers) for group in groups] == [(["1.linear1"], ["1.linear2"])]
-    assert not any("self_attn" in name for name in members)
+    plain = [(group.producers, group.consumers) for group in groups if not isinstance(group, AttentionGroup)]
+    assert plain == [(["1.linear1"], ["1.linear2"])]
+    heads = [group for group in groups if isinstance(group, AttentionGroup)]
+    assert len(heads) == 1 and heads[0].size == 4
+    attention = converted[1].self_attn
+    assert heads[0].producers == [f"1.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj")]
+    assert heads[0].consumers == ["1.self_attn.out_proj"]
+    keep = torch.tensor([True, False, False, True])
+    heads[0].apply(converted, keep)
+    assert torch.equal(attention.head_mask, keep) and attention.head_idx.tolist() == [0, 3]
+    assert torch.equal(attention.out_proj.in_mask, keep.repeat_interleave(4))
+    assert torch.equal(heads[0].kept(converted), keep)
+    inside = [g for g in channel_groups(converted, torch.randn(2, 5, 8), whole_heads=False)
+              if isinstance(g, AttentionGroup)]
+    assert [(g.size, g.producers, g.consumers) for g in inside] == [
+        (16, ["1.self_attn.q_proj", "1.self_attn.k_proj"], []),
+        (16, ["1.self_attn.v_proj"], ["1.self_attn.out_proj"]),
+    ]

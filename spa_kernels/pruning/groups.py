@@ -13,10 +13,9 @@ knows which torch operations tie channels; it does not know the SPA modules,
 whose forward runs custom operators.  So :func:`channel_groups` lets it trace a
 *shadow* of the model: a CPU float32 copy in which every SPA layer is replaced by
 a torch layer of the same kind and shape (zero weights: only the graph matters)
-and every other module is copied as it is.  Module names are kept, so the
-groups map back onto the real model by qualified name.  The shadow costs one
-zero weight per SPA layer and one CPU copy of the other parameters, on whatever
-device the model lives; the frozen base weights are never copied.
+and every other module is copied as it is; module names are kept.  The frozen
+base weights are never copied.  Attention layers' q/k/v/out channels are grouped
+by head instead (:mod:`spa_kernels.pruning.heads`, :class:`AttentionGroup`).
 
 **Not prunable.**  A group is left out when its channels reach a model output
 (the classifier's classes), when it holds a layer the masks cannot reach (a
@@ -30,16 +29,12 @@ channels (the image channels) belong to no group: no layer writes them.
 0 to ``beta - mean·gamma/sqrt(var + eps)``.  Consumers ignore pruned inputs
 anyway, yet a channel that is not exactly zero leaks into anything that is not
 an SPA layer (a feature output, a plain torch layer, a residual stream read
-outside the groups).  The frozen base is shared across tasks, so the norm is not
-changed: :func:`install_norm_masks` (called by :meth:`ChannelGroup.apply`) puts a
-forward hook on every norm of a group that multiplies its output by the
-producers' ``out_mask``.  The mask is read from the producer's buffer, the one
-thing a task package stores, so it stays the single source of truth; the float
-mask is cached and rebuilt only when that buffer changes (its in-place version
-counter or identity), and a mask with nothing pruned costs nothing.  The
-multiplication is out of place, so autograd is unaffected.  Group and instance
-norms still include the zeroed channels in their statistics: exact zeros, but
-not the numbers a physically smaller network would give.
+outside the groups).  The frozen base is shared across tasks, so
+:func:`install_norm_masks` (called by :meth:`ChannelGroup.apply`) puts a forward hook
+on every norm of a group that multiplies its output (out of place) by the producers'
+``out_mask``, read from the producer's buffer (what a task package stores) and cached
+until that buffer changes.  Group and instance norms still include the zeroed channels
+in their statistics: exact zeros, not the numbers of a physically smaller network.
 """
 
 from __future__ import annotations
@@ -56,6 +51,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..nn import ChannelMasked, SPLoRAMultiheadAttention
 from ._layers import spa_layers
+from .heads import AttentionBlock, activate_heads, attention_blocks
 
 logger = logging.getLogger("spa_kernels")
 
@@ -219,6 +215,21 @@ class ChannelGroup:
         return layers
 
 
+@dataclass(eq=False)
+class AttentionGroup(ChannelGroup):
+    """Channels of one attention layer: whole heads, or channels inside heads (see ``heads``)."""
+    block: AttentionBlock | None = None
+    whole_heads: bool = True
+
+    def __post_init__(self) -> None:  # heads.py gives maps as tuples: it cannot import this module
+        for maps in (self.out_maps, self.in_maps):
+            maps.update((name, ChannelMap(*m)) for name, m in maps.items() if isinstance(m, tuple))
+
+    def apply(self, model: nn.Module, keep: Tensor) -> None:  # then the attention core skips pruned heads
+        super().apply(model, keep)
+        activate_heads(model, self.block, keep.cpu() if self.whole_heads else None)
+
+
 # --------------------------------------------------------------------------------------------------
 # Norm hooks: exact zeros after the norm layers of a group.
 
@@ -362,6 +373,7 @@ def channel_groups(
     model: nn.Module,
     example_inputs: Tensor | Sequence | Mapping,
     ignored_layers: Iterable[str | nn.Module] | None = None,
+    whole_heads: bool = True,
 ) -> list[ChannelGroup]:
     """The prunable coupled channel groups of ``model``, ordered by their first producer.
 
@@ -375,6 +387,8 @@ def channel_groups(
         ignored_layers: names or modules of ``model`` whose output channels must not
             be pruned (a container stands for every module inside it).  Their input
             channels may still be pruned by the groups that feed them.
+        whole_heads: one group per attention head (per key/value head under grouped-query
+            attention); False: channels inside heads, q tied to k and v to out (:mod:`.heads`).
 
     Returns:
         One :class:`ChannelGroup` per set of tied channels that can be pruned (see
@@ -412,6 +426,11 @@ def channel_groups(
             logger.debug("channels of %s not prunable: %s", names.get(tp_group[0].dep.target.module), reason)
         else:
             groups.append(group)
+    blocks = attention_blocks(model, skip=ignored_names)
+    claimed = {(n, "out") for b in blocks for n in (b.q, b.k, b.v)} | {(b.out, "in") for b in blocks}
+    groups = [g for g in groups if claimed.isdisjoint([(n, "out") for n in g.producers] + [(n, "in") for n in g.consumers])]
+    groups += [AttentionGroup(size, outs, ins, block=block, whole_heads=whole_heads)
+               for block in blocks for size, outs, ins in block.channel_maps(whole_heads)]
     order = {name: position for position, name in enumerate(layers)}
     groups.sort(key=lambda group: min(order[name] for name in group.producers))
     return groups
@@ -577,7 +596,5 @@ def _channel_map(pairs: list[tuple[int, int]], channels: int) -> ChannelMap:
     return ChannelMap(group_index, layer_index, channels)
 
 
-__all__ = [
-    "ChannelGroup", "ChannelMap", "NormChannelMask", "channel_groups", "install_norm_masks",
-    "remove_norm_masks",
-]
+__all__ = ["AttentionGroup", "ChannelGroup", "ChannelMap", "NormChannelMask", "channel_groups",
+           "install_norm_masks", "remove_norm_masks"]
