@@ -31,10 +31,11 @@ from .report import device_name, print_reports, results_path, save, to_markdown
 from .shapes import CPU_THREADS, DTYPES, KEEP_RATIOS
 from .task_switch import SUITE as TASK_SUITE
 from .timing import DEFAULT_BUDGET, QUICK_BUDGET, set_cpu_threads
+from .transformer import SUITE as TRANSFORMER_SUITE
 from .transformer_fastpath import SUITE as FASTPATH_SUITE
 
 SUITES: dict[str, Suite] = {suite.name: suite for suite in (LINEAR_SUITE, CONV_SUITE, NETWORK_SUITE, TASK_SUITE,
-                                                             FASTPATH_SUITE)}
+                                                             TRANSFORMER_SUITE, FASTPATH_SUITE)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

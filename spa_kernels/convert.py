@@ -26,6 +26,7 @@ from .nn import (
     SPLoRAConv2d,
     SPLoRAConv3d,
     SPLoRALinear,
+    SPLoRAMultiheadAttention,
     SPPaRAConv1d,
     SPPaRAConv2d,
     SPPaRAConv3d,
@@ -37,6 +38,7 @@ logger = logging.getLogger("spa_kernels")
 # torch layer type -> SPA module type (whose ``from_module`` builds the replacement).
 TORCH_REPLACEMENTS: dict[type[nn.Module], type[ChannelMasked]] = {
     nn.Linear: SPLoRALinear,
+    nn.MultiheadAttention: SPLoRAMultiheadAttention,
 }
 
 # torch convolution type -> SPA module type, per ``conv_adapter``.
@@ -53,6 +55,7 @@ FULL_RANK_TYPES: tuple[type[ChannelMasked], ...] = (SPPaRAConv1d, SPPaRAConv2d, 
 # Each keeps its own kind of adapter, whatever ``conv_adapter`` says.
 SP_ADAPTERS_REPLACEMENTS: dict[str, type[ChannelMasked]] = {
     "SPLoRALinear": SPLoRALinear,
+    "SPLoRAMultiheadAttention": SPLoRAMultiheadAttention,
     "SPLoRAConv1d": SPLoRAConv1d,
     "SPLoRAConv2d": SPLoRAConv2d,
     "SPLoRAConv3d": SPLoRAConv3d,
@@ -198,7 +201,8 @@ def convert(
     the same kind and keep their own adapter and rank.  SPA modules are left as
     they are, so converting twice changes nothing.
 
-    Left unchanged with a warning: ``nn.MultiheadAttention``, subclasses of
+    ``nn.MultiheadAttention`` becomes :class:`spa_kernels.nn.SPLoRAMultiheadAttention`.
+    Left unchanged with a warning: subclasses of ``nn.MultiheadAttention``, subclasses of
     ``nn.Linear``/``nn.ConvNd``, convolutions with an even kernel size (the
     adapter sits on the kernel's centre tap), layers whose parameters another
     module shares (weight tying: that module would read the weight without the

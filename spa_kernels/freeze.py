@@ -5,7 +5,7 @@ default those are, and nothing else:
 
 * the adapters of the SPA layers (every parameter of an SPA layer but its ``weight``
   and ``bias``; ``convert`` already froze the ``weight``);
-* the biases of the SPA layers (``train_bias="converted"``);
+* the biases of the SPA layers, and the attention's ``in_proj_bias`` (``train_bias="converted"``);
 * the affine parameters of normalisation layers (``train_norms=True``);
 * the parameters of the modules excluded from conversion (the new task's head).
 
@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .nn import ChannelMasked
+from .nn import ChannelMasked, SPLoRAMultiheadAttention
 
 # torch's normalisation layers; models define their own (RMSNorm, T5LayerNorm…), recognised by name.
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -43,6 +43,20 @@ def is_norm(module: nn.Module) -> bool:
 def is_spa_layer(module: nn.Module) -> bool:
     """Whether ``module`` is an SPA layer: a frozen ``weight`` plus an adapter of its own."""
     return isinstance(module, ChannelMasked)
+
+
+# Converted modules whose biases are parameters of their own rather than of a child SPA
+# layer (the attention's q/k/v bias is one ``in_proj_bias``, as in torch and sp_adapters).
+CONVERTED_BIASES: dict[type[nn.Module], tuple[str, ...]] = {
+    SPLoRAMultiheadAttention: ("in_proj_bias", "bias_k", "bias_v"),
+}
+
+
+def is_converted_bias(module: nn.Module, local_name: str) -> bool:
+    """Whether ``module.<local_name>`` is the bias of a converted layer."""
+    if local_name == "bias" and is_spa_layer(module):
+        return True
+    return any(isinstance(module, kind) and local_name in names for kind, names in CONVERTED_BIASES.items())
 
 
 def inside_any(name: str, outers: Iterable[str]) -> bool:
@@ -101,11 +115,10 @@ def _trains(module_name: str, module: nn.Module, local_name: str, excluded: list
     """Whether a parameter trains; ``None`` leaves it as it is (an SPA layer's adapter and weight)."""
     if inside_any(module_name, excluded):
         return True
-    if local_name == "bias":
-        if train_bias == "all":
-            return True
-        if is_spa_layer(module):
-            return train_bias == "converted"
+    if local_name == "bias" and train_bias == "all":
+        return True
+    if is_converted_bias(module, local_name):
+        return train_bias in ("converted", "all")
     if is_spa_layer(module):
         return None
     if is_norm(module):

@@ -4,6 +4,7 @@ Parameter names and state-dict keys follow ``sp_adapters`` 0.7.1, so checkpoints
 move between the two libraries; the forward pass runs the fused masked kernels.
 """
 
+from .attention import SPLoRAMultiheadAttention
 from .channel_masked import ChannelMasked
 from .linear import SPLoRALinear
 from .splora_conv import SPLoRAConv1d, SPLoRAConv2d, SPLoRAConv3d
@@ -18,6 +19,7 @@ __all__ = [
     "SPLoRAConv2d",
     "SPLoRAConv3d",
     "SPLoRALinear",
+    "SPLoRAMultiheadAttention",
     "SPPaRAConv1d",
     "SPPaRAConv2d",
     "SPPaRAConv3d",

@@ -29,7 +29,15 @@ from .accounting import (
 )
 from .adaptive import AdaptivePolicy, AdaptiveResult, ThresholdSearch, adaptive_prune
 from .criteria import ActivationCriterion, Criterion, GradientCriterion, MagnitudeCriterion, TaylorCriterion
-from .groups import ChannelGroup, ChannelMap, channel_groups, install_norm_masks, remove_norm_masks
+from .groups import (
+    AttentionGroup,
+    ChannelGroup,
+    ChannelMap,
+    channel_groups,
+    install_norm_masks,
+    remove_norm_masks,
+)
+from .heads import attention_blocks, skip_pruned_heads
 from .layerwise import TruncatedBlocks, block_scores, choose_depth, truncate
 from .package import load_task, save_task, task_size
 from .schedule import PruneReport, iterative_prune, prune, round_densities
@@ -37,6 +45,7 @@ from .thresholds import layer_thresholds
 
 __all__ = [
     "ActivationCriterion",
+    "AttentionGroup",
     "AdaptivePolicy",
     "AdaptiveResult",
     "ChannelGroup",
@@ -52,6 +61,7 @@ __all__ = [
     "active_macs",
     "active_macs_by_layer",
     "adaptive_prune",
+    "attention_blocks",
     "block_scores",
     "channel_groups",
     "choose_depth",
@@ -64,6 +74,7 @@ __all__ = [
     "remove_norm_masks",
     "round_densities",
     "save_task",
+    "skip_pruned_heads",
     "stored_parameters",
     "stored_parameters_by_layer",
     "task_size",

@@ -13,10 +13,9 @@ knows which torch operations tie channels; it does not know the SPA modules,
 whose forward runs custom operators.  So :func:`channel_groups` lets it trace a
 *shadow* of the model: a CPU float32 copy in which every SPA layer is replaced by
 a torch layer of the same kind and shape (zero weights: only the graph matters)
-and every other module is copied as it is.  Module names are kept, so the
-groups map back onto the real model by qualified name.  The shadow costs one
-zero weight per SPA layer and one CPU copy of the other parameters, on whatever
-device the model lives; the frozen base weights are never copied.
+and every other module is copied as it is; module names are kept.  The frozen
+base weights are never copied.  Attention layers' q/k/v/out channels are grouped
+by head instead (:mod:`spa_kernels.pruning.heads`, :class:`AttentionGroup`).
 
 **Not prunable.**  A group is left out when its channels reach a model output
 (the classifier's classes), when it holds a layer the masks cannot reach (a
@@ -30,16 +29,12 @@ channels (the image channels) belong to no group: no layer writes them.
 0 to ``beta - mean·gamma/sqrt(var + eps)``.  Consumers ignore pruned inputs
 anyway, yet a channel that is not exactly zero leaks into anything that is not
 an SPA layer (a feature output, a plain torch layer, a residual stream read
-outside the groups).  The frozen base is shared across tasks, so the norm is not
-changed: :func:`install_norm_masks` (called by :meth:`ChannelGroup.apply`) puts a
-forward hook on every norm of a group that multiplies its output by the
-producers' ``out_mask``.  The mask is read from the producer's buffer, the one
-thing a task package stores, so it stays the single source of truth; the float
-mask is cached and rebuilt only when that buffer changes (its in-place version
-counter or identity), and a mask with nothing pruned costs nothing.  The
-multiplication is out of place, so autograd is unaffected.  Group and instance
-norms still include the zeroed channels in their statistics: exact zeros, but
-not the numbers a physically smaller network would give.
+outside the groups).  The frozen base is shared across tasks, so
+:func:`install_norm_masks` (called by :meth:`ChannelGroup.apply`) puts a forward hook
+on every norm of a group that multiplies its output (out of place) by the producers'
+``out_mask``, read from the producer's buffer (what a task package stores) and cached
+until that buffer changes.  Group and instance norms still include the zeroed channels
+in their statistics: exact zeros, not the numbers of a physically smaller network.
 """
 
 from __future__ import annotations
@@ -54,8 +49,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from ..nn import ChannelMasked
+from ..nn import ChannelMasked, SPLoRAMultiheadAttention
 from ._layers import spa_layers
+from .heads import AttentionBlock, activate_heads, attention_blocks
+from .norm_masks import NormChannelMask, install_norm_masks, remove_norm_masks
 
 logger = logging.getLogger("spa_kernels")
 
@@ -219,143 +216,19 @@ class ChannelGroup:
         return layers
 
 
-# --------------------------------------------------------------------------------------------------
-# Norm hooks: exact zeros after the norm layers of a group.
-
-
 @dataclass(eq=False)
-class _MaskSource:
-    """Norm channels ``norm_index`` follow ``producer.out_mask[producer_index]``."""
+class AttentionGroup(ChannelGroup):
+    """Channels of one attention layer: whole heads, or channels inside heads (see ``heads``)."""
+    block: AttentionBlock | None = None
+    whole_heads: bool = True
 
-    producer: ChannelMasked
-    producer_index: Tensor
-    norm_index: Tensor
+    def __post_init__(self) -> None:  # heads.py gives maps as tuples: it cannot import this module
+        for maps in (self.out_maps, self.in_maps):
+            maps.update((name, ChannelMap(*m)) for name, m in maps.items() if isinstance(m, tuple))
 
-
-class NormChannelMask:
-    """Forward hook multiplying a norm layer's output by its channels' producer masks.
-
-    Channels no group covers stay 1.  The float mask is cached per device, dtype
-    and rank of the output and rebuilt only when a producer's ``out_mask`` buffer
-    changes: another tensor (``.to()``, ``load_state_dict(assign=True)``) or a new
-    in-place version (``set_masks``, ``load_state_dict``).
-    """
-
-    def __init__(self, name: str, channels: int):
-        self.name = name
-        self.channels = channels
-        self.sources: dict[tuple[int, ...], list[_MaskSource]] = {}
-        self._key: tuple | None = None  # what the cached mask was built for
-        self._versions: list[int] = []
-        self._buffers: list[Tensor] = []
-        self._mask: Tensor | None = None
-
-    def set_sources(self, key: tuple[int, ...], sources: list[_MaskSource]) -> None:
-        """Register (or replace) the sources of one group's norm channels ``key``."""
-        self.sources[key] = sources
-        self._key = None
-
-    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        dim = _channel_dim(module, output)
-        if output.shape[dim] != self.channels:
-            raise RuntimeError(f"norm layer {self.name!r} gave {output.shape[dim]} channels, its channel "
-                               f"group expects {self.channels}")
-        mask = self._float_mask(output, dim)
-        return output if mask is None else output * mask
-
-    def _float_mask(self, output: Tensor, dim: int) -> Tensor | None:
-        if torch.compiler.is_compiling():
-            # Traced: the mask is built from the mask buffers inside the graph (a few small
-            # ops), so a mask change needs no recompile and nothing reads values on the host.
-            return self._build(output, dim, skip_if_full=False)
-        buffers = [source.producer.out_mask for group in self.sources.values() for source in group]
-        versions = [buffer._version for buffer in buffers]
-        key = (output.device, output.dtype, output.dim(), dim)
-        stale = (key != self._key or versions != self._versions or len(buffers) != len(self._buffers)
-                 or any(new is not old for new, old in zip(buffers, self._buffers, strict=True)))
-        if stale:
-            self._mask = self._build(output, dim)
-            self._key, self._versions, self._buffers = key, versions, buffers
-        return self._mask
-
-    def _build(self, output: Tensor, dim: int, skip_if_full: bool = True) -> Tensor | None:
-        mask = torch.ones(self.channels, device=output.device, dtype=output.dtype)
-        for group in self.sources.values():
-            for source in group:
-                out_mask = source.producer.out_mask
-                values = out_mask.index_select(0, source.producer_index.to(out_mask.device))
-                mask[source.norm_index.to(output.device)] = values.to(output.device, output.dtype)
-        if skip_if_full and bool(mask.all()):  # one host sync per mask change; nothing pruned costs nothing
-            return None
-        shape = [1] * output.dim()
-        shape[dim] = self.channels
-        return mask.view(shape)
-
-
-def _channel_dim(module: nn.Module, output: Tensor) -> int:
-    """The channel dimension of a norm layer's output: last for layer norm, else 1 (0 if unbatched)."""
-    if isinstance(module, nn.LayerNorm):
-        return output.dim() - 1
-    unbatched = isinstance(module, nn.modules.instancenorm._InstanceNorm) and (
-        output.dim() == module._get_no_batch_dim())
-    if unbatched:
-        return 0
-    return 1
-
-
-def _norm_hook(norm: nn.Module) -> NormChannelMask | None:
-    for hook in norm._forward_hooks.values():
-        if isinstance(hook, NormChannelMask):
-            return hook
-    return None
-
-
-def install_norm_masks(model: nn.Module, groups: Iterable[ChannelGroup]) -> None:
-    """Make every norm layer of ``groups`` output exact zeros on its group's pruned channels.
-
-    Installs one :class:`NormChannelMask` forward hook per norm layer (reused if
-    present, so calling this again, or after :meth:`ChannelGroup.apply`, adds
-    nothing).  Call it after loading a task package into a model whose hooks are
-    gone (a fresh model): the masks themselves come from the producers' buffers.
-
-    Raises:
-        ValueError: ``model`` lacks a member of a group.
-    """
-    for group in groups:
-        layers = group._layers(model)
-        lookups = {name: channel_map.group_lookup(group.size) for name, channel_map in group.out_maps.items()}
-        for norm_name, norm_map in group.norm_maps.items():
-            try:
-                norm = model.get_submodule(norm_name)
-            except AttributeError:
-                raise ValueError(f"model has no module named {norm_name!r}; was this group found on another "
-                                 "model?") from None
-            hook = _norm_hook(norm)
-            if hook is None:
-                hook = NormChannelMask(norm_name, norm_map.channels)
-                norm.register_forward_hook(hook)
-            sources = []
-            unassigned = torch.ones(norm_map.group_index.numel(), dtype=torch.bool)
-            for producer_name, lookup in lookups.items():
-                producer_channel = lookup[norm_map.group_index]
-                take = unassigned & (producer_channel >= 0)
-                if take.any():
-                    sources.append(_MaskSource(layers[producer_name], producer_channel[take],
-                                               norm_map.layer_index[take]))
-                    unassigned &= ~take
-            hook.set_sources(tuple(sorted(norm_map.layer_index.tolist())), sources)
-
-
-def remove_norm_masks(model: nn.Module) -> int:
-    """Remove every :class:`NormChannelMask` hook from ``model``; returns how many were removed."""
-    removed = 0
-    for module in model.modules():
-        for key in [key for key, hook in module._forward_hooks.items() if isinstance(hook, NormChannelMask)]:
-            del module._forward_hooks[key]
-            module._forward_hooks_with_kwargs.pop(key, None)
-            module._forward_hooks_always_called.pop(key, None)
-            removed += 1
-    return removed
+    def apply(self, model: nn.Module, keep: Tensor) -> None:  # then the attention core skips pruned heads
+        super().apply(model, keep)
+        activate_heads(model, self.block, keep.cpu() if self.whole_heads else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,6 +239,7 @@ def channel_groups(
     model: nn.Module,
     example_inputs: Tensor | Sequence | Mapping,
     ignored_layers: Iterable[str | nn.Module] | None = None,
+    whole_heads: bool = True,
 ) -> list[ChannelGroup]:
     """The prunable coupled channel groups of ``model``, ordered by their first producer.
 
@@ -379,6 +253,8 @@ def channel_groups(
         ignored_layers: names or modules of ``model`` whose output channels must not
             be pruned (a container stands for every module inside it).  Their input
             channels may still be pruned by the groups that feed them.
+        whole_heads: one group per attention head (per key/value head under grouped-query
+            attention); False: channels inside heads, q tied to k and v to out (:mod:`.heads`).
 
     Returns:
         One :class:`ChannelGroup` per set of tied channels that can be pruned (see
@@ -416,6 +292,11 @@ def channel_groups(
             logger.debug("channels of %s not prunable: %s", names.get(tp_group[0].dep.target.module), reason)
         else:
             groups.append(group)
+    blocks = attention_blocks(model, skip=ignored_names)
+    claimed = {(n, "out") for b in blocks for n in (b.q, b.k, b.v)} | {(b.out, "in") for b in blocks}
+    groups = [g for g in groups if claimed.isdisjoint([(n, "out") for n in g.producers] + [(n, "in") for n in g.consumers])]
+    groups += [AttentionGroup(size, outs, ins, block=block, whole_heads=whole_heads)
+               for block in blocks for size, outs, ins in block.channel_maps(whole_heads)]
     order = {name: position for position, name in enumerate(layers)}
     groups.sort(key=lambda group: min(order[name] for name in group.producers))
     return groups
@@ -466,8 +347,12 @@ def _ignored_names(model: nn.Module, ignored_layers) -> list[str]:
 def _shadow(model: nn.Module, layers: dict[str, ChannelMasked]) -> nn.Module:
     """A CPU float32 copy of ``model`` with every SPA layer replaced by a zero torch layer of its shape."""
     memo: dict[int, object] = {id(layer): _plain_layer(layer) for layer in layers.values()}
+    # Attention stands in the shadow as the torch layer it replaces, so its channels are
+    # traced (and left out) exactly as for an unconverted model.
+    memo.update((id(module), _plain_attention(module)) for module in model.modules()
+                if isinstance(module, SPLoRAMultiheadAttention))
     for module in model.modules():
-        if isinstance(module, ChannelMasked):
+        if isinstance(module, (ChannelMasked, SPLoRAMultiheadAttention)):
             continue
         for parameter in module.parameters(recurse=False):
             memo.setdefault(id(parameter), nn.Parameter(_cpu_copy(parameter),
@@ -500,6 +385,18 @@ def _plain_layer(layer: ChannelMasked) -> nn.Module:
         for parameter in plain.parameters():
             parameter.zero_()
     return plain.train(layer.training)
+
+
+def _plain_attention(attention: SPLoRAMultiheadAttention) -> nn.Module:
+    plain = nn.MultiheadAttention(
+        attention.embed_dim, attention.num_heads, attention.dropout, attention.in_proj_bias is not None,
+        attention.bias_k is not None, attention.add_zero_attn, attention.kdim, attention.vdim,
+        attention.batch_first, device="meta",
+    ).to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in plain.parameters():
+            parameter.zero_()
+    return plain.train(attention.training)
 
 
 def _group_from(tp_group, graph, names, layers, output_grad_fns, optype):
@@ -565,7 +462,5 @@ def _channel_map(pairs: list[tuple[int, int]], channels: int) -> ChannelMap:
     return ChannelMap(group_index, layer_index, channels)
 
 
-__all__ = [
-    "ChannelGroup", "ChannelMap", "NormChannelMask", "channel_groups", "install_norm_masks",
-    "remove_norm_masks",
-]
+__all__ = ["AttentionGroup", "ChannelGroup", "ChannelMap", "NormChannelMask", "channel_groups",
+           "install_norm_masks", "remove_norm_masks"]

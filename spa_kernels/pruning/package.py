@@ -135,6 +135,12 @@ def load_task(model: nn.Module, path: PathOrFile) -> dict[str, dict[str, int]]:
             module.load_state_dict(state, strict=True)
         for target, value in plan.state:
             target.copy_(value)
+        # Masks written in place above (an attention module's head mask) rebuild the
+        # index lists their modules keep so that forward never reads a mask on the host.
+        for module in model.modules():
+            refresh = getattr(module, "refresh_indices", None)
+            if callable(refresh):
+                refresh()
     return {name: dict(metadata) for name, metadata in plan.metadata.items()}
 
 
