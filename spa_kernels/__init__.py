@@ -15,7 +15,9 @@ from .backend import cpu as _cpu_backend  # noqa: F401  (registers itself when t
 from .backend import reference as _reference_backend  # noqa: F401  (registers itself)
 from .backend import triton as _triton_backend  # noqa: F401  (registers itself when Triton is usable)
 from .convert import convert
+from .convert_splopa import convert_splopa
 from .functional import (
+    splopa_linear,
     splora_conv1d,
     splora_conv2d,
     splora_conv3d,
@@ -30,8 +32,10 @@ __version__ = "0.1.0"
 __all__ = [
     "backends",
     "convert",
+    "convert_splopa",
     "nn",
     "pruning",
+    "splopa_linear",
     "splora_conv1d",
     "splora_conv2d",
     "splora_conv3d",

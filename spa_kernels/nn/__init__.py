@@ -6,11 +6,15 @@ move between the two libraries; the forward pass runs the fused masked kernels.
 
 from .channel_masked import ChannelMasked
 from .linear import SPLoRALinear
+from .splopa import BlockPrototypes, SPLoPALinear, SPLoPASharing
 from .splora_conv import SPLoRAConv1d, SPLoRAConv2d, SPLoRAConv3d
 from .sppara_conv import SPPaRAConv1d, SPPaRAConv2d, SPPaRAConv3d
 
 __all__ = [
+    "BlockPrototypes",
     "ChannelMasked",
+    "SPLoPALinear",
+    "SPLoPASharing",
     "SPLoRAConv1d",
     "SPLoRAConv2d",
     "SPLoRAConv3d",
