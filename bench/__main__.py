@@ -24,6 +24,7 @@ import spa_kernels
 
 from . import RunConfig, Suite
 from .anchors import ContenderMismatch
+from .block import SUITE as BLOCK_SUITE
 from .conv import SUITE as CONV_SUITE
 from .linear import SUITE as LINEAR_SUITE
 from .network import SUITE as NETWORK_SUITE
@@ -32,7 +33,7 @@ from .shapes import CPU_THREADS, DTYPES, KEEP_RATIOS
 from .task_switch import SUITE as TASK_SUITE
 from .timing import DEFAULT_BUDGET, QUICK_BUDGET, set_cpu_threads
 
-SUITES: dict[str, Suite] = {suite.name: suite for suite in (LINEAR_SUITE, CONV_SUITE, NETWORK_SUITE, TASK_SUITE)}
+SUITES: dict[str, Suite] = {suite.name: suite for suite in (LINEAR_SUITE, CONV_SUITE, NETWORK_SUITE, TASK_SUITE, BLOCK_SUITE)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
