@@ -81,10 +81,16 @@ void block_sparse_gemm(const TileKernels<T>& kern, const S* x, int64_t M, const 
     b_offset[i + 1] = b_offset[i] + panels * (blocks.begin[i + 1] - blocks.begin[i]) * bw * nr;
   }
   AlignedBuffer<T> packed_b(b_offset[blocks.rows] + kSlack);
-  // Depth offsets of each active block's columns inside a packed X block.
+  // X is packed kMC rows by `chunk_cols` block columns at a time: all of them
+  // when that block fits in L2, else about kKC columns (each block row's
+  // products then accumulate over the chunks, in the usual GEMM order).
+  const int64_t chunk_cols = static_cast<int64_t>(kMC * in_width * sizeof(T)) <= (int64_t{512} << 10)
+                                 ? std::max<int64_t>(blocks.cols, 1)
+                                 : std::max<int64_t>(1, kKC / std::max<int64_t>(bw, 1));
+  // Depth offsets of each active block's columns inside its packed X chunk.
   std::vector<int64_t> offsets(blocks.count() * bw);
   for (int64_t a = 0; a < blocks.count(); ++a) {
-    for (int64_t t = 0; t < bw; ++t) offsets[a * bw + t] = (blocks.col[a] * bw + t) * mr;
+    for (int64_t t = 0; t < bw; ++t) offsets[a * bw + t] = ((blocks.col[a] % chunk_cols) * bw + t) * mr;
   }
 #pragma omp parallel num_threads(threads)
   {
@@ -116,33 +122,49 @@ void block_sparse_gemm(const TileKernels<T>& kern, const S* x, int64_t M, const 
     const int64_t mb_last = split_rows ? m_blocks * (tid + 1) / nthreads : m_blocks;
     const int64_t i_first = split_rows ? 0 : blocks.rows * tid / nthreads;
     const int64_t i_last = split_rows ? blocks.rows : blocks.rows * (tid + 1) / nthreads;
-    const int64_t ldc = panels * nr;
-    AlignedBuffer<T> packed_x(kMC * in_width + kSlack);
-    AlignedBuffer<T> c(kMC * ldc + kSlack);
+    const int64_t ldc = panels * nr, ldc_all = std::max<int64_t>(i_last - i_first, 0) * ldc;
+    AlignedBuffer<T> packed_x(kMC * chunk_cols * bw + kSlack);
+    AlignedBuffer<T> c(kMC * ldc_all + kSlack);
     std::vector<const T*> lane_rows(mr);
+    std::vector<int64_t> cursor(blocks.rows);
+    std::vector<char> started(blocks.rows);
     const GatherMatrix<S> xg{x, in_width, nullptr, nullptr, false};
     for (int64_t mb = mb_first; mb < mb_last; ++mb) {
       const int64_t m0 = mb * kMC, rows = std::min(kMC, M - m0);
       const int64_t row_panels = (rows + mr - 1) / mr;
-      if (in_width > 0) pack_block(xg, m0, rows, 0, in_width, mr, packed_x.get());
       for (int64_t i = i_first; i < i_last; ++i) {
-        const int64_t first = blocks.begin[i], depth = (blocks.begin[i + 1] - first) * bw;
-        if (depth > 0) {
+        cursor[i] = blocks.begin[i];
+        started[i] = 0;
+      }
+      for (int64_t c0 = 0; c0 < blocks.cols; c0 += chunk_cols) {
+        const int64_t c1 = std::min(blocks.cols, c0 + chunk_cols), width = (c1 - c0) * bw;
+        if (width > 0) pack_block(xg, m0, rows, c0 * bw, width, mr, packed_x.get());
+        for (int64_t i = i_first; i < i_last; ++i) {
+          const int64_t first = blocks.begin[i], full_depth = (blocks.begin[i + 1] - first) * bw;
+          const int64_t a0 = cursor[i];
+          int64_t a1 = a0;
+          while (a1 < blocks.begin[i + 1] && blocks.col[a1] < c1) ++a1;
+          cursor[i] = a1;
+          if (a1 == a0) continue;
+          T* ci = c.get() + (i - i_first) * ldc;
           for (int64_t s = 0; s < panels; ++s) {
-            const T* bp = packed_b.get() + b_offset[i] + s * depth * nr;
+            const T* bp = packed_b.get() + b_offset[i] + s * full_depth * nr + (a0 - first) * bw * nr;
             for (int64_t ip = 0; ip < row_panels; ++ip) {
-              for (int l = 0; l < mr; ++l) lane_rows[l] = packed_x.get() + ip * in_width * mr + l;
-              kern.tile_rows(depth, lane_rows.data(), offsets.data() + first * bw, bp, c.get() + ip * mr * ldc + s * nr,
-                             ldc, false);
+              for (int l = 0; l < mr; ++l) lane_rows[l] = packed_x.get() + ip * width * mr + l;
+              kern.tile_rows((a1 - a0) * bw, lane_rows.data(), offsets.data() + a0 * bw, bp,
+                             ci + ip * mr * ldc_all + s * nr, ldc_all, started[i] != 0);
             }
           }
+          started[i] = 1;
         }
+      }
+      for (int64_t i = i_first; i < i_last; ++i) {
+        const T* b = bias ? bias + i * bh : nullptr;
         for (int64_t r = 0; r < rows; ++r) {
           S* out = y + (m0 + r) * out_width + i * bh;
-          const T* row = c.get() + r * ldc;
-          const T* b = bias ? bias + i * bh : nullptr;
+          const T* row = c.get() + r * ldc_all + (i - i_first) * ldc;
           for (int64_t n = 0; n < bh; ++n) {
-            out[n] = static_cast<S>((depth > 0 ? row[n] : T(0)) + (b ? b[n] : T(0)));
+            out[n] = static_cast<S>((started[i] ? row[n] : T(0)) + (b ? b[n] : T(0)));
           }
         }
       }

@@ -136,6 +136,25 @@ void prototype_gradient(const SPLoPAShapes& s, const T* g, const S* phi, const i
   }
 }
 
+// out[o] = Σ_m y[m, o]: each thread sums a share of the rows, then the shares are added.
+template <typename S, typename T>
+void column_sums(const S* y, int64_t M, int64_t width, S* out, int threads) {
+  std::vector<T> partial(static_cast<size_t>(threads) * width, T(0));
+#pragma omp parallel num_threads(threads)
+  {
+    const int nthreads = omp_get_num_threads(), tid = omp_get_thread_num();
+    T* mine = partial.data() + tid * width;
+    for (int64_t m = M * tid / nthreads; m < M * (tid + 1) / nthreads; ++m) {
+      for (int64_t o = 0; o < width; ++o) mine[o] += static_cast<T>(y[m * width + o]);
+    }
+  }
+  for (int64_t o = 0; o < width; ++o) {
+    T sum = 0;
+    for (int t = 0; t < threads; ++t) sum += partial[t * width + o];
+    out[o] = static_cast<S>(sum);
+  }
+}
+
 at::Tensor splopa_linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rows,
                                  const at::Tensor& cols, const at::Tensor& pos_weights,
                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& block_mask,
@@ -191,7 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const BlockRows by_column = transposed(s.blocks);
       const EffectiveBlock<S, T> effective{&s, weight.data_ptr<S>(), phi, pi.data(), T(scale)};
       auto fill = [&](int64_t j, int64_t a, T* dst) {
-        std::vector<T> block(pq);
+        thread_local std::vector<T> block;
+        block.resize(pq);
         effective(by_column.col[a], j, block.data());
         for (int64_t r = 0; r < s.p; ++r) {
           for (int64_t c = 0; c < s.q; ++c) dst[c * s.p + r] = block[r * s.q + c];
@@ -259,13 +279,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     }
     if (need_bias) {
-      std::vector<T> sums(s.out, T(0));
-      for (int64_t m = 0; m < s.M; ++m) {
-        for (int64_t o = 0; o < s.out; ++o) sums[o] += static_cast<T>(dy[m * s.out + o]);
-      }
       grad_bias = at::empty({s.out}, x.options());
-      S* out = grad_bias.data_ptr<S>();
-      for (int64_t o = 0; o < s.out; ++o) out[o] = static_cast<S>(sums[o]);
+      column_sums<S, T>(dy, s.M, s.out, grad_bias.data_ptr<S>(), threads);
     }
   });
   return {grad_x, grad_w, grad_rows, grad_cols, grad_phi, grad_bias};

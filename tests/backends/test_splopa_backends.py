@@ -37,6 +37,9 @@ SPECS = {
     "tile-sized-blocks": SPLoPASpec(lead=(300,), block_shape=(32, 32), block_rows=3, block_cols=4, num_prototypes=5,
                                     rank=1),
     "tall-batch-odd-blocks": SPLoPASpec(lead=(157,), block_shape=(17, 33), block_rows=3, block_cols=2),
+    # Wider than a packed block of x (or dy) kept whole: products accumulate over depth chunks.
+    "wide-chunked": SPLoPASpec(lead=(150,), block_shape=(16, 8), block_rows=60, block_cols=120, num_prototypes=2,
+                               rank=1, density=0.3),
     "frozen-weight": SPLoPASpec(grads=("x", "prototype_rows", "prototype_cols", "pos_weights", "bias")),
     "adapter-only": SPLoPASpec(grads=("prototype_cols", "pos_weights")),
     "x-only": SPLoPASpec(grads=("x",)),
