@@ -78,5 +78,8 @@ def test_backend_random_cases(backend_param, lead, block_rows, block_cols, p, q,
     backend, isa = backend_param
     spec = SPLoPASpec(lead=lead, block_rows=block_rows, block_cols=block_cols, block_shape=(p, q),
                       num_prototypes=num_prototypes, rank=rank, density=density)
+    # float64: a random case may cancel a gradient to a small fraction of its terms
+    # (dV = Uᵀ dΠ), which float32 cannot resolve to 1e-4 of the result; the fixed
+    # cases above cover float32 and bfloat16.
     with forced_isa(isa):
-        check_against_oracle(f"{backend}[{isa}] random", build_case(spec), torch.float32, backend)
+        check_against_oracle(f"{backend}[{isa}] random", build_case(spec), torch.float64, backend)
