@@ -24,6 +24,7 @@ import spa_kernels
 
 from . import RunConfig, Suite
 from .anchors import ContenderMismatch
+from .block import SUITE as BLOCK_SUITE
 from .conv import SUITE as CONV_SUITE
 from .linear import SUITE as LINEAR_SUITE
 from .network import SUITE as NETWORK_SUITE
@@ -35,7 +36,7 @@ from .transformer import SUITE as TRANSFORMER_SUITE
 from .transformer_fastpath import SUITE as FASTPATH_SUITE
 
 SUITES: dict[str, Suite] = {suite.name: suite for suite in (LINEAR_SUITE, CONV_SUITE, NETWORK_SUITE, TASK_SUITE,
-                                                             TRANSFORMER_SUITE, FASTPATH_SUITE)}
+                                                             BLOCK_SUITE, TRANSFORMER_SUITE, FASTPATH_SUITE)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

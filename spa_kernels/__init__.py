@@ -18,7 +18,9 @@ from .backend import reference as _reference_backend  # noqa: F401  (registers i
 from .backend import triton as _triton_backend  # noqa: F401  (registers itself when Triton is usable)
 from .compact import compact
 from .convert import convert
+from .convert_splopa import convert_splopa
 from .functional import (
+    splopa_linear,
     splora_conv1d,
     splora_conv2d,
     splora_conv3d,
@@ -34,9 +36,11 @@ __all__ = [
     "backends",
     "compact",
     "convert",
+    "convert_splopa",
     "nn",
     "pruning",
     "show_config",
+    "splopa_linear",
     "splora_conv1d",
     "splora_conv2d",
     "splora_conv3d",

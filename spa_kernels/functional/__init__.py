@@ -16,8 +16,11 @@ from .conv import (
     sppara_conv_trusted,
 )
 from .linear import splora_linear, splora_linear_trusted
+from .splopa import splopa_linear, splopa_linear_trusted
 
 __all__ = [
+    "splopa_linear",
+    "splopa_linear_trusted",
     "splora_conv1d",
     "splora_conv2d",
     "splora_conv3d",

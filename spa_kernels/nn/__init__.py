@@ -7,14 +7,18 @@ move between the two libraries; the forward pass runs the fused masked kernels.
 from .attention import SPLoRAMultiheadAttention
 from .channel_masked import ChannelMasked
 from .linear import SPLoRALinear
+from .splopa import BlockPrototypes, SPLoPALinear, SPLoPASharing
 from .splora_conv import SPLoRAConv1d, SPLoRAConv2d, SPLoRAConv3d
 from .sppara_conv import SPPaRAConv1d, SPPaRAConv2d, SPPaRAConv3d
 from .transformer import ComposedTransformerEncoder, ComposedTransformerEncoderLayer, use_composed_forward
 
 __all__ = [
+    "BlockPrototypes",
     "ChannelMasked",
     "ComposedTransformerEncoder",
     "ComposedTransformerEncoderLayer",
+    "SPLoPALinear",
+    "SPLoPASharing",
     "SPLoRAConv1d",
     "SPLoRAConv2d",
     "SPLoRAConv3d",

@@ -1,7 +1,7 @@
 """The op layer: ``torch.ops.spa_kernels.*``, one file per op family.
 
 ``library.py`` holds the ``torch.library.Library`` and the helpers the families
-share; ``linear.py`` and ``conv.py`` each define their ops' schemas, fake
+share; ``linear.py``, ``conv.py`` and ``splopa.py`` each define their ops' schemas, fake
 kernels and autograd.  Importing this package registers every op.  The ops
 take an already-validated call and an already-resolved backend name; the
 functional layer does both.
@@ -9,8 +9,11 @@ functional layer does both.
 
 from .conv import splora_conv, splora_conv_backward, sppara_conv, sppara_conv_backward
 from .linear import splora_linear, splora_linear_backward
+from .splopa import splopa_linear, splopa_linear_backward
 
 __all__ = [
+    "splopa_linear",
+    "splopa_linear_backward",
     "splora_conv",
     "splora_conv_backward",
     "splora_linear",

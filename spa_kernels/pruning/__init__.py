@@ -16,7 +16,8 @@ Modules: ``criteria`` (channel importance), ``groups`` (channels tied by residua
 additions, concatenation and norms, found with torch-pruning), ``schedule`` (one-shot
 and iterative pruning), ``accounting`` (stored parameters and active FLOPs),
 ``package`` (task packages), ``adaptive`` (adaptive activation-based pruning) and
-``layerwise`` (layer-wise truncation of adapted models, SLS).
+``layerwise`` (layer-wise truncation of adapted models, SLS); ``block_pruning``
+(block scores, schedules and accounting of block-SPA layers).
 """
 
 from .accounting import (
@@ -28,6 +29,13 @@ from .accounting import (
     stored_parameters_by_layer,
 )
 from .adaptive import AdaptivePolicy, AdaptiveResult, ThresholdSearch, adaptive_prune
+from .block_pruning import (
+    BlockMovement,
+    iterative_block_prune,
+    prune_blocks,
+    splopa_active_flops,
+    splopa_stored_parameters,
+)
 from .criteria import ActivationCriterion, Criterion, GradientCriterion, MagnitudeCriterion, TaylorCriterion
 from .groups import (
     AttentionGroup,
@@ -46,6 +54,7 @@ from .thresholds import layer_thresholds
 __all__ = [
     "ActivationCriterion",
     "AttentionGroup",
+    "BlockMovement",
     "AdaptivePolicy",
     "AdaptiveResult",
     "ChannelGroup",
@@ -66,8 +75,12 @@ __all__ = [
     "channel_groups",
     "choose_depth",
     "install_norm_masks",
+    "iterative_block_prune",
     "iterative_prune",
     "layer_stored_parameters",
+    "prune_blocks",
+    "splopa_active_flops",
+    "splopa_stored_parameters",
     "layer_thresholds",
     "load_task",
     "prune",

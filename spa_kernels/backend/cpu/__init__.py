@@ -10,9 +10,10 @@ from __future__ import annotations
 from ... import _extension
 from ..._validation import SUPPORTED_DTYPES
 from .. import Backend, Capabilities, register_backend
-from . import conv, linear
+from . import conv, linear, splopa
 from .conv import splora_conv_backward, splora_conv_forward, sppara_conv_backward, sppara_conv_forward
 from .linear import splora_linear_backward, splora_linear_forward
+from .splopa import splopa_linear_backward, splopa_linear_forward
 
 name = "cpu"
 CAPABILITIES = Capabilities(devices=("cpu",), dtypes=SUPPORTED_DTYPES)
@@ -48,7 +49,7 @@ def extension_path() -> str | None:
 
 
 if BUILT:
-    register_backend(Backend(name, CAPABILITIES, kernels=(linear, conv)))
+    register_backend(Backend(name, CAPABILITIES, kernels=(linear, conv, splopa)))
 
 __all__ = [
     "BUILD_ERROR",
@@ -59,6 +60,8 @@ __all__ = [
     "max_threads",
     "name",
     "set_isa",
+    "splopa_linear_backward",
+    "splopa_linear_forward",
     "splora_conv_backward",
     "splora_conv_forward",
     "splora_linear_backward",

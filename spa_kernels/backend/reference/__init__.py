@@ -2,7 +2,7 @@
 
 from ..._validation import SUPPORTED_DTYPES
 from .. import Backend, Capabilities, register_backend
-from . import conv, linear
+from . import conv, linear, splopa
 from .conv import (
     splora_conv_backward,
     splora_conv_forward,
@@ -10,15 +10,18 @@ from .conv import (
     sppara_conv_forward,
 )
 from .linear import splora_linear_backward, splora_linear_forward
+from .splopa import splopa_linear_backward, splopa_linear_forward
 
 name = "reference"
 CAPABILITIES = Capabilities(devices=None, dtypes=SUPPORTED_DTYPES, grouped_conv=True)
 
-register_backend(Backend(name, CAPABILITIES, kernels=(linear, conv)))
+register_backend(Backend(name, CAPABILITIES, kernels=(linear, conv, splopa)))
 
 __all__ = [
     "CAPABILITIES",
     "name",
+    "splopa_linear_backward",
+    "splopa_linear_forward",
     "splora_conv_backward",
     "splora_conv_forward",
     "splora_linear_backward",
