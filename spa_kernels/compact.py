@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .nn import ChannelMasked
+from .freeze import inside_any
+from .nn import ChannelMasked, SPLoRAMultiheadAttention
 from .pruning import remove_norm_masks
 
 
@@ -31,7 +32,7 @@ def _run(model: nn.Module, inputs: Tensor | Sequence | Mapping):
 
 
 def _merged(model: nn.Module, names: list[str]) -> nn.Module:
-    """A deep copy of ``model`` with every named SPA layer replaced by its merged torch layer."""
+    """A deep copy of ``model`` with every named SPA module replaced by its merged torch module."""
     plain = copy.deepcopy(model)
     remove_norm_masks(plain)
     for name in names:
@@ -75,15 +76,19 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence | Mapping, *, ke
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     import torch_pruning as tp
 
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, ChannelMasked)}
-    if not layers:
+    # An SPA attention module becomes one merged nn.MultiheadAttention (pruned heads zeroed):
+    # torch's module has one head width for all heads, so its heads are kept, not removed.
+    attention = [name for name, module in model.named_modules() if isinstance(module, SPLoRAMultiheadAttention)]
+    layers = {name: module for name, module in model.named_modules()
+              if isinstance(module, ChannelMasked) and not inside_any(name, attention)}
+    if not layers and not attention:
         raise ValueError("model has no SPA layers to compact; convert and prune it first")
     keep_width = {keep_width} if isinstance(keep_width, str) else set(keep_width)
     unknown = keep_width - set(layers)
     if unknown:
         raise ValueError(f"keep_width: {sorted(unknown)} are not SPA layers of the model")
     masks = {name: layer.out_mask.detach().cpu() for name, layer in layers.items() if name not in keep_width}
-    plain = _merged(model, list(layers))
+    plain = _merged(model, attention + list(layers))
     with torch.enable_grad():
         graph = tp.DependencyGraph().build_dependency(plain, example_inputs=example_inputs, forward_fn=_run,
                                                       verbose=False)

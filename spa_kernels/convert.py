@@ -125,6 +125,12 @@ def _replace(
         return converted[id(module)]
     if isinstance(module, ChannelMasked):
         return module  # already an SPA module: converting again would drop its adapter
+    if isinstance(module, OPAQUE_TYPES) and holds_spa_layer(module):
+        # Its forward (and a replacement built from it) reads the projections' weights
+        # directly, so an SPA layer placed inside would lose its adapter and masks.
+        raise ValueError(
+            f"convert: '{name}' ({type(module).__name__}) holds an SPA layer, but its forward reads its "
+            "projection weights directly, so the adapter and masks would be skipped")
     replacement = _replacement_for(module, conv_adapter)
     if replacement is not None:
         if _has_even_kernel(module):
@@ -141,10 +147,6 @@ def _replace(
         converted[id(module)] = build(module, replacement)
         return converted[id(module)]
     if isinstance(module, OPAQUE_TYPES):
-        if holds_spa_layer(module):
-            raise ValueError(
-                f"convert: '{name}' ({type(module).__name__}) holds an SPA layer, but its forward reads its "
-                "projection weights directly, so the adapter and masks would be skipped")
         logger.warning("convert: %s '%s' left unchanged (not supported)", type(module).__name__, name)
         return module
     if isinstance(module, REPLACEABLE_FAMILIES):

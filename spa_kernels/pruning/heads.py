@@ -210,16 +210,24 @@ class ActiveHeads:
         heads = output.unflatten(-1, (-1, self.block.head_dim))
         return heads.index_select(-2, index).flatten(-2)
 
+    # Inside torch.compile the hooks stand aside and the core runs every head: finding the
+    # active heads reads the masks on the host, which a graph cannot do without breaking.
+    # The result is the same (pruned heads are zero either way); only the saving is lost.
+
     def query_hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        if torch.compiler.is_compiling():
+            return None
         self._refresh()
         return self._gather(output, self.query_index)
 
     def key_value_hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        if torch.compiler.is_compiling():
+            return None
         self._refresh()
         return self._gather(output, self.kv_index)
 
     def out_pre_hook(self, module: nn.Module, inputs: tuple) -> tuple | None:
-        if self.query_index is None:
+        if torch.compiler.is_compiling() or self.query_index is None:
             return None
         compact = inputs[0].unflatten(-1, (-1, self.block.head_dim))
         full = compact.new_zeros(*compact.shape[:-2], self.block.heads, self.block.head_dim)

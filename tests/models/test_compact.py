@@ -19,7 +19,7 @@ from torch import nn
 
 import spa_kernels
 from spa_kernels.nn import ChannelMasked
-from spa_kernels.pruning import channel_groups
+from spa_kernels.pruning import AttentionGroup, channel_groups
 
 
 def pruned_and_trained(build, make_input):
@@ -71,25 +71,45 @@ def test_compact_refuses_a_model_without_spa_layers():
         spa_kernels.compact(nn.Linear(3, 3), torch.randn(1, 3))
 
 
-@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
-@pytest.mark.parametrize(("build", "make_input"), [(hf_vit, hf_vit_input), (hf_bert, hf_bert_input)])
-def test_hugging_face_models_compact_with_attention_kept_at_full_width(build, make_input):
-    model = spa_kernels.convert(build(), rank=2, exclude=["classifier"])
-    x = make_input()
-    groups = channel_groups(model, (x,))
+def _prune_at_random(model: nn.Module, x: torch.Tensor, *, whole_heads: bool):
+    groups = channel_groups(model, (x,), whole_heads=whole_heads)
     generator = torch.Generator().manual_seed(2)
     for group in groups:
         keep = torch.rand(group.size, generator=generator) < 0.5
         keep[0] = True
         group.apply(model, keep)
-    model.eval()
-    with pytest.raises(ValueError, match="per-head reshape"):  # channels pruned inside heads
-        spa_kernels.compact(model, (x,))
-    attention = [name for group in groups if len(group.producers) == 3 for name in group.producers]
-    assert attention
-    small = spa_kernels.compact(model, (x,), keep_width=attention).eval()
+    return groups
+
+
+def _check_compact_equal(model: nn.Module, x: torch.Tensor, **options) -> None:
+    small = spa_kernels.compact(model, (x,), **options).eval()
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     want, got = logits(model(x)), logits(small(x))
     error = (got - want).abs().max().item()
-    print(f"{build.__name__}: max error {error:.3e}")
+    print(f"max error {error:.3e}")
     assert error <= 1e-5 * max(want.abs().max().item(), 1.0)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
+@pytest.mark.parametrize(("build", "make_input"), [(hf_vit, hf_vit_input), (hf_bert, hf_bert_input)])
+def test_hugging_face_models_compact_with_whole_heads_removed(build, make_input):
+    model = spa_kernels.convert(build(), rank=2, exclude=["classifier"])
+    x = make_input()
+    _prune_at_random(model, x, whole_heads=True)
+    model.eval()
+    _check_compact_equal(model, x)  # the model's own reshape (-1 heads) follows the fewer heads
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
+@pytest.mark.parametrize(("build", "make_input"), [(hf_vit, hf_vit_input), (hf_bert, hf_bert_input)])
+def test_hugging_face_models_compact_with_attention_kept_at_full_width(build, make_input):
+    model = spa_kernels.convert(build(), rank=2, exclude=["classifier"])
+    x = make_input()
+    groups = _prune_at_random(model, x, whole_heads=False)
+    model.eval()
+    with pytest.raises(ValueError, match="per-head reshape"):  # channels pruned inside heads
+        spa_kernels.compact(model, (x,))
+    attention = sorted({name for group in groups if isinstance(group, AttentionGroup)
+                        for name in (*group.out_maps, *group.in_maps)})
+    assert attention
+    _check_compact_equal(model, x, keep_width=attention)

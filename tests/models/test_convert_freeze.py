@@ -76,7 +76,8 @@ def test_options_keep_more_or_less_trainable():
     no_bias = trainable(spa_kernels.convert(base, rank=2, train_bias="none"))
     assert not any(name.endswith(".bias") for name in no_bias if "norm" not in name)
     all_bias = trainable(spa_kernels.convert(base, rank=2, train_bias="all"))
-    assert "encoder.layers.0.self_attn.in_proj_bias" not in all_bias  # named in_proj_bias: not a ".bias"
+    assert "encoder.layers.0.self_attn.in_proj_bias" in all_bias  # the converted attention's q/k/v bias
+    assert "encoder.layers.0.self_attn.in_proj_bias" not in no_bias
     assert "encoder.layers.0.linear1.bias" in all_bias
     more = trainable(spa_kernels.convert(base, rank=2, trainable=["embed.*", "cls_token"]))
     assert {"embed.weight", "cls_token"} <= more and "position" not in more

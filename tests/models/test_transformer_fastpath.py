@@ -70,11 +70,11 @@ def test_issue_reproduction_every_mode():
 
 def test_convert_rebinds_the_containers_and_keeps_their_state():
     base = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 24, batch_first=True), 2)
-    converted = spa_kernels.convert(base, rank=2)
+    converted = spa_kernels.convert(base, rank=2, exclude=[nn.MultiheadAttention])
     assert type(converted) is ComposedTransformerEncoder and not converted.use_nested_tensor
     assert all(type(layer) is ComposedTransformerEncoderLayer for layer in converted.layers)
     assert isinstance(converted.layers[0], nn.TransformerEncoderLayer)
-    assert type(converted.layers[0].self_attn) is nn.MultiheadAttention  # left as it is
+    assert type(converted.layers[0].self_attn) is nn.MultiheadAttention  # excluded: left as it is
     base_keys = set(base.state_dict())
     assert base_keys <= set(converted.state_dict())
     assert type(base) is nn.TransformerEncoder  # the original is not touched
@@ -88,7 +88,7 @@ def test_fast_path_is_skipped_but_attention_keeps_its_native_kernel():
     x = torch.randn(3, 6, 16)
     with torch.no_grad():
         assert FUSED_LAYER_KERNEL in _kernels_run(base, x)  # the profile does see the fast path
-        converted = _adapt(spa_kernels.convert(base, rank=2))
+        converted = _adapt(spa_kernels.convert(base, rank=2, exclude=[nn.MultiheadAttention]))
         kernels = _kernels_run(converted, x, src_key_padding_mask=padding)
         assert FUSED_LAYER_KERNEL not in kernels
         assert NATIVE_ATTENTION_KERNEL in kernels
