@@ -17,6 +17,15 @@ and every other module is copied as it is; module names are kept.  The frozen
 base weights are never copied.  Attention layers' q/k/v/out channels are grouped
 by head instead (:mod:`spa_kernels.pruning.heads`, :class:`AttentionGroup`).
 
+The search for a group starts only at an SPA layer that is not an attention q/k/v
+projection.  Every group holding a layer the masks cannot reach, or the output of
+such a projection, is left out anyway; and starting there lets torch-pruning follow
+the attention core, where its index mapping (built for channels on dimension 1) walks
+rotary embeddings' slice, negate and concatenate of the head dimension round a cycle,
+shifting the indices each time, and never stops (Llama, Mistral, Qwen2).  A search
+from the residual stream or an MLP reaches a projection's input channels only, never
+its output: so it stays out of the core too.
+
 **Not prunable.**  A group is left out when its channels reach a model output
 (the classifier's classes), when it holds a layer the masks cannot reach (a
 torch convolution or linear that was not converted, an embedding, attention,
@@ -51,7 +60,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from ..nn import ChannelMasked, SPLoRAMultiheadAttention
 from ._layers import spa_layers
-from .heads import AttentionBlock, activate_heads, attention_blocks
+from .heads import AttentionBlock, activate_heads, attention_blocks, attention_projections
 from .norm_masks import NormChannelMask, install_norm_masks, remove_norm_masks
 
 logger = logging.getLogger("spa_kernels")
@@ -273,6 +282,12 @@ def channel_groups(
     layers = spa_layers(model)
     shadow = _shadow(model, layers)
     ignored = [module for name in ignored_names for module in shadow.get_submodule(name).modules()]
+    # torch-pruning starts no search at these, and drops the groups whose outputs they write
+    # (the module doc says why: a search from an attention projection may never end).
+    shadow_modules = dict(shadow.named_modules())
+    ignored += [module for name, module in shadow_modules.items()
+                if isinstance(module, (nn.Linear, _ConvNd)) and name not in layers]
+    ignored += [shadow_modules[name] for name in attention_projections(model) if name in shadow_modules]
     outputs: list = []
 
     def keep_outputs(out):

@@ -144,6 +144,22 @@ def _hf_block(name: str, module: nn.Module, model: nn.Module, modules: dict[str,
     return None
 
 
+def attention_projections(model: nn.Module) -> set[str]:
+    """Qualified names of the q, k and v projections of every attention layer of ``model``.
+
+    Every module with q/k/v children named as in ``HF_PROJECTION_NAMES`` counts, whether or
+    not :func:`attention_blocks` can prune its heads: their output channels enter an attention
+    core (scores, rotary embeddings, a softmax), which does not act channel by channel.
+    """
+    names = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for children in HF_PROJECTION_NAMES:
+            if all(isinstance(getattr(module, child, None), nn.Module) for child in children[:3]):
+                names.update(prefix + child for child in children[:3])
+    return names
+
+
 def attention_blocks(model: nn.Module, skip: Iterable[str] = ()) -> list[AttentionBlock]:
     """The attention layers of ``model`` whose heads can be pruned (see the module doc), in module order.
 
@@ -280,4 +296,5 @@ def activate_heads(model: nn.Module, block: AttentionBlock, head_mask: Tensor | 
         _hook(model, block)
 
 
-__all__ = ["ActiveHeads", "AttentionBlock", "activate_heads", "attention_blocks", "skip_pruned_heads"]
+__all__ = ["ActiveHeads", "AttentionBlock", "activate_heads", "attention_blocks", "attention_projections",
+           "skip_pruned_heads"]
