@@ -15,7 +15,7 @@ import torch
 
 import spa_kernels
 from spa_kernels.nn import SPLoRALinear
-from spa_kernels.pruning import AttentionGroup, attention_blocks, channel_groups, skip_pruned_heads
+from spa_kernels.pruning import AttentionGroup, channel_groups, skip_pruned_heads
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,11 +107,6 @@ def test_convert_makes_every_projection_splora_and_keeps_the_function(kind, capl
 
 
 def head_groups(model, inputs, whole_heads=True) -> list[AttentionGroup]:
-    if isinstance(model, transformers.LlamaForCausalLM):
-        # torch-pruning 1.6's group search does not finish in minutes on Llama (the MLP and residual
-        # groups); the attention groups do not come from it, so build them as channel_groups does.
-        return [AttentionGroup(size, outs, ins, block=block, whole_heads=whole_heads)
-                for block in attention_blocks(model) for size, outs, ins in block.channel_maps(whole_heads)]
     groups = channel_groups(model, inputs, whole_heads=whole_heads)
     return [group for group in groups if isinstance(group, AttentionGroup)]
 
@@ -131,8 +126,6 @@ def test_whole_head_groups_tie_qkv_rows_and_out_columns_per_head(kind):
         assert q_map.group_index.tolist() == [c // (32 // kv_heads) for c in range(32)]
         assert k_map.group_index.tolist() == [c // 8 for c in range(8 * kv_heads)]
         assert torch.equal(group.in_maps[group.block.out].group_index, q_map.group_index)
-    if kind == "llama":
-        return
     projections = {name for group in groups for name in group.producers}
     outs = {name for group in groups for name in group.consumers}
     for group in channel_groups(model, inputs):
