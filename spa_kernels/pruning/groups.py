@@ -18,9 +18,9 @@ base weights are never copied.  Attention layers' q/k/v/out channels are grouped
 by head instead (:mod:`spa_kernels.pruning.heads`, :class:`AttentionGroup`).
 
 The search for a group starts only at an SPA layer that is not an attention q/k/v
-projection.  Every group holding a layer the masks cannot reach, or the output of
-such a projection, is left out anyway; and starting there lets torch-pruning follow
-the attention core, where its index mapping (built for channels on dimension 1) walks
+projection.  Starting at a plain layer or a projection gains nothing (a group holding
+a layer the masks cannot reach, or a projection's output, is left out anyway), and a
+start at a projection lets torch-pruning follow the attention core, where its index mapping (built for channels on dimension 1) walks
 rotary embeddings' slice, negate and concatenate of the head dimension round a cycle,
 shifting the indices each time, and never stops (Llama, Mistral, Qwen2).  A search
 from the residual stream or an MLP reaches a projection's input channels only, never
