@@ -279,3 +279,37 @@ def test_pruned_heads_attention_is_a_drop_in_inside_torch_layers():
              "memory_key_padding_mask": padding[:, :5]}
     with torch.no_grad():
         assert_close(small(target, memory, **masks), model(target, memory, **masks), "decoder")
+
+
+def test_gradients_through_the_kept_heads_equal_the_masked_layers():
+    layer = spa_attention(batch_first=True)
+    inputs = attention_inputs(layer)
+    small = spa_kernels.compact(layer, inputs)
+    gradients = []
+    for module in (layer, small):
+        query = inputs[0].clone().requires_grad_()
+        module(query, inputs[1], inputs[2], need_weights=False)[0].square().sum().backward()
+        gradients.append(query.grad)
+    assert_close(gradients[1], gradients[0], "query gradient")
+
+
+@pytest.mark.parametrize(("kept_heads", "error", "message"), [
+    ([4], ValueError, r"kept_heads must lie in \[0, 4\)"),
+    ([2, 1], ValueError, "kept_heads must be strictly increasing"),
+    (torch.zeros(1, 1, dtype=torch.int64), ValueError, "kept_heads must be 1-D"),
+    (torch.tensor([0.0]), TypeError, "kept_heads must hold head indices"),
+    ([True], TypeError, "kept_heads must hold head indices"),
+])
+def test_bad_kept_heads_raise_naming_the_argument(kept_heads, error, message):
+    with pytest.raises(error, match=message):
+        PrunedHeadsAttention(16, 4, kept_heads)
+
+
+def test_from_module_checks_its_arguments():
+    with pytest.raises(TypeError, match="module must be an nn.MultiheadAttention"):
+        PrunedHeadsAttention.from_module(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="kept_heads must be given"):
+        PrunedHeadsAttention.from_module(nn.MultiheadAttention(16, 4))
+    with pytest.raises(ValueError, match="query is a nested tensor"):
+        nested = torch.nested.nested_tensor([torch.randn(3, 16), torch.randn(2, 16)])
+        PrunedHeadsAttention(16, 4, [0])(nested, nested, nested)
