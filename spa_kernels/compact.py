@@ -1,10 +1,13 @@
 """``compact(model, example_inputs)``: the physically smaller plain-PyTorch model of a pruned one.
 
 Every SPA layer is merged into its torch layer (``to_module()``: ``W + s·B A`` on the
-active block, zeros elsewhere), the norm hooks are dropped, and then the pruned output
-channels of every SPA layer are removed for real with torch-pruning's dependency graph,
-which carries each removal to everything tied to those channels: the consumers' input
-channels, norm layers, residual partners, a plain head.  A pruned channel is exactly
+active block, zeros elsewhere); an SPA attention layer with pruned heads becomes a
+:class:`~spa_kernels.nn.PrunedHeadsAttention` holding the kept heads only (torch's
+attention cannot have fewer heads than its width implies).  The norm hooks are dropped,
+and then the pruned output channels of every SPA layer are removed for real with
+torch-pruning's dependency graph, which carries each removal to everything tied to
+those channels: the consumers' input channels, norm layers, residual partners, a
+plain head.  A pruned channel is exactly
 zero in the masked model wherever it flows, so removing it changes no output.
 """
 
@@ -17,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .freeze import inside_any
-from .nn import ChannelMasked, SPLoRAMultiheadAttention
+from .nn import ChannelMasked, PrunedHeadsAttention, SPLoRAMultiheadAttention
 from .pruning import remove_norm_masks
 
 
@@ -31,13 +34,20 @@ def _run(model: nn.Module, inputs: Tensor | Sequence | Mapping):
     raise TypeError(f"example_inputs must be a tensor, a tuple/list or a dict, got {type(inputs).__name__}")
 
 
+def _plain_module(layer: nn.Module) -> nn.Module:
+    """The merged plain module of an SPA module: attention with pruned heads holds the kept ones only."""
+    if isinstance(layer, SPLoRAMultiheadAttention) and not bool(layer.head_mask.all()):
+        return PrunedHeadsAttention.from_module(layer)
+    return layer.to_module()
+
+
 def _merged(model: nn.Module, names: list[str]) -> nn.Module:
-    """A deep copy of ``model`` with every named SPA module replaced by its merged torch module."""
+    """A deep copy of ``model`` with every named SPA module replaced by its merged plain module."""
     plain = copy.deepcopy(model)
     remove_norm_masks(plain)
     for name in names:
         layer = plain.get_submodule(name)
-        merged = layer.to_module().train(layer.training)
+        merged = _plain_module(layer).train(layer.training)
         if name == "":
             return merged
         parent_name, _, child = name.rpartition(".")
@@ -76,8 +86,9 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence | Mapping, *, ke
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     import torch_pruning as tp
 
-    # An SPA attention module becomes one merged nn.MultiheadAttention (pruned heads zeroed):
-    # torch's module has one head width for all heads, so its heads are kept, not removed.
+    # An SPA attention module is merged as one module: a PrunedHeadsAttention holding the
+    # kept heads where heads are pruned, else an nn.MultiheadAttention.  Channels pruned inside
+    # kept heads stay, as zeros: every head of a layer has one width.
     attention = [name for name, module in model.named_modules() if isinstance(module, SPLoRAMultiheadAttention)]
     layers = {name: module for name, module in model.named_modules()
               if isinstance(module, ChannelMasked) and not inside_any(name, attention)}

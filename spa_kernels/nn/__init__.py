@@ -7,6 +7,7 @@ move between the two libraries; the forward pass runs the fused masked kernels.
 from .attention import SPLoRAMultiheadAttention
 from .channel_masked import ChannelMasked
 from .linear import SPLoRALinear
+from .pruned_heads import PrunedHeadsAttention
 from .splopa import BlockPrototypes, SPLoPALinear, SPLoPASharing
 from .splora_conv import SPLoRAConv1d, SPLoRAConv2d, SPLoRAConv3d
 from .sppara_conv import SPPaRAConv1d, SPPaRAConv2d, SPPaRAConv3d
@@ -17,6 +18,7 @@ __all__ = [
     "ChannelMasked",
     "ComposedTransformerEncoder",
     "ComposedTransformerEncoderLayer",
+    "PrunedHeadsAttention",
     "SPLoPALinear",
     "SPLoPASharing",
     "SPLoRAConv1d",

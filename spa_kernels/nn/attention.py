@@ -43,6 +43,49 @@ def _additive_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor
     return mask.to(dtype)
 
 
+def check_attention_inputs(
+    owner: nn.Module, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None, mask_heads: tuple[int, ...],
+) -> bool:
+    """Check an attention forward's inputs against ``owner``'s widths and layout; whether they are batched.
+
+    ``owner`` has ``embed_dim``, ``kdim``, ``vdim`` and ``batch_first``; a 3-D ``attn_mask``
+    may hold ``batch·h`` planes for any ``h`` in ``mask_heads``.
+    """
+    for tensor, name in ((query, "query"), (key, "key"), (value, "value")):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.is_nested:
+            raise ValueError(f"{name} is a nested tensor, which {type(owner).__name__} does not accept")
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query must be 2-D (unbatched) or 3-D (batched), got shape {tuple(query.shape)}")
+    batched = query.dim() == 3
+    for tensor, name, width in ((query, "query", owner.embed_dim), (key, "key", owner.kdim), (value, "value", owner.vdim)):
+        if tensor.dim() != query.dim():
+            raise ValueError(f"{name} must be {query.dim()}-D like query, got shape {tuple(tensor.shape)}")
+        if tensor.shape[-1] != width:
+            raise ValueError(f"{name} must have {width} features in its last dimension, got shape {tuple(tensor.shape)}")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in all but the last dimension")
+    batch_dim = 0 if owner.batch_first else 1
+    if batched and query.shape[batch_dim] != key.shape[batch_dim]:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} have different batch sizes")
+    seq_dim = 1 - batch_dim if batched else 0
+    target, source = query.shape[seq_dim], key.shape[seq_dim]
+    batch = query.shape[batch_dim] if batched else 1
+    if key_padding_mask is not None:
+        expected = (batch, source) if batched else (source,)
+        if not isinstance(key_padding_mask, Tensor) or tuple(key_padding_mask.shape) != expected:
+            got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, Tensor) else key_padding_mask
+            raise ValueError(f"key_padding_mask must have shape {expected}, got {got}")
+    if attn_mask is not None:
+        expected = ((target, source), *((batch * heads, target, source) for heads in dict.fromkeys(mask_heads)))
+        if not isinstance(attn_mask, Tensor) or tuple(attn_mask.shape) not in expected:
+            got = tuple(attn_mask.shape) if isinstance(attn_mask, Tensor) else attn_mask
+            raise ValueError(f"attn_mask must have shape {' or '.join(map(str, expected))}, got {got}")
+    return batched
+
+
 class SPLoRAMultiheadAttention(nn.Module):
     r"""Drop-in :class:`torch.nn.MultiheadAttention` whose projections are :class:`SPLoRALinear`.
 
@@ -232,40 +275,6 @@ class SPLoRAMultiheadAttention(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
-        for tensor, name in ((query, "query"), (key, "key"), (value, "value")):
-            if not isinstance(tensor, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-            if tensor.is_nested:
-                raise ValueError(f"{name} is a nested tensor, which SPLoRAMultiheadAttention does not accept")
-        if query.dim() not in (2, 3):
-            raise ValueError(f"query must be 2-D (unbatched) or 3-D (batched), got shape {tuple(query.shape)}")
-        batched = query.dim() == 3
-        for tensor, name, width in ((query, "query", self.embed_dim), (key, "key", self.kdim), (value, "value", self.vdim)):
-            if tensor.dim() != query.dim():
-                raise ValueError(f"{name} must be {query.dim()}-D like query, got shape {tuple(tensor.shape)}")
-            if tensor.shape[-1] != width:
-                raise ValueError(f"{name} must have {width} features in its last dimension, got shape {tuple(tensor.shape)}")
-        if key.shape[:-1] != value.shape[:-1]:
-            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in all but the last dimension")
-        batch_dim = 0 if self.batch_first else 1
-        if batched and query.shape[batch_dim] != key.shape[batch_dim]:
-            raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} have different batch sizes")
-        seq_dim = 1 - batch_dim if batched else 0
-        target, source = query.shape[seq_dim], key.shape[seq_dim]
-        batch = query.shape[batch_dim] if batched else 1
-        if key_padding_mask is not None:
-            expected = (batch, source) if batched else (source,)
-            if not isinstance(key_padding_mask, Tensor) or tuple(key_padding_mask.shape) != expected:
-                got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, Tensor) else key_padding_mask
-                raise ValueError(f"key_padding_mask must have shape {expected}, got {got}")
-        if attn_mask is not None:
-            expected = ((target, source), (batch * self.num_heads, target, source))
-            if not isinstance(attn_mask, Tensor) or tuple(attn_mask.shape) not in expected:
-                got = tuple(attn_mask.shape) if isinstance(attn_mask, Tensor) else attn_mask
-                raise ValueError(f"attn_mask must have shape {expected[0]} or {expected[1]}, got {got}")
-        return batched
-
     def _heads(self, projected: Tensor, bias: Tensor | None, out_mask: Tensor, out_idx: Tensor | None) -> Tensor:
         """``(N, T, embed_dim)`` projection → ``(N, active heads, T, head_dim)`` plus bias.
 
@@ -336,7 +345,7 @@ class SPLoRAMultiheadAttention(nn.Module):
             the model with the pruned heads physically removed returns (zeros if every
             head is pruned).  Unbatched input drops ``N``.
         """
-        batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
+        batched = check_attention_inputs(self, query, key, value, key_padding_mask, attn_mask, (self.num_heads,))
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
@@ -494,6 +503,8 @@ class SPLoRAMultiheadAttention(nn.Module):
         heads' rows (q/k/v) and columns (out_proj); biases are zero there too.  Its
         attention *weights* differ at pruned heads (it computes them; this layer
         reports zeros) and so does their average, unless no head is pruned.
+        :class:`~spa_kernels.nn.PrunedHeadsAttention` ``.from_module(self)`` holds the
+        active heads only.
         """
         head_channels = self.head_mask.repeat_interleave(self.head_dim)
         merged = []

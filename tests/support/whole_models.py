@@ -1,4 +1,4 @@
-"""Whole models as users run them, small: a torch encoder with a head, and Hugging Face ViT/BERT from configs.
+"""Whole models as users run them, small: a torch encoder with a head, and Hugging Face ViT/BERT/ResNet from configs.
 
 The Hugging Face models are built from a config with random weights (nothing is
 downloaded); they are ``None`` where ``transformers`` is not installed.
@@ -65,6 +65,20 @@ def hf_bert() -> nn.Module | None:
 
 def hf_bert_input(batch: int = 2, length: int = 7) -> Tensor:
     return torch.randint(0, 40, (batch, length))
+
+
+def hf_resnet() -> nn.Module | None:
+    if not HAS_TRANSFORMERS:
+        return None
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                          num_labels=3)
+    return ResNetForImageClassification(config).eval()
+
+
+def hf_resnet_input(batch: int = 2) -> Tensor:
+    return torch.randn(batch, 3, 16, 16)
 
 
 def logits(output: object) -> Tensor:
