@@ -444,3 +444,10 @@ def test_channel_spa_model_refuses_a_block_package(package):
     with pytest.raises(ValueError, match="another architecture"):
         load_task(model, io.BytesIO(data))
     assert_unchanged(model, before)
+
+
+def test_a_fine_tuned_splopa_weight_is_named_in_a_warning():
+    model = splopa_model(BlockMLP())
+    model.fc2.weight.requires_grad_(True)  # masked fine-tuning: the frozen base is not in a package
+    with pytest.warns(UserWarning, match=r"1 trainable tensors .*fc2\.weight"):
+        save_task(model, io.BytesIO())
