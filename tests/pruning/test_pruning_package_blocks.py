@@ -2,7 +2,7 @@
 
 Expected states are built here from the saved model by hand (the position weights of
 pruned blocks zeroed with boolean indexing), never by reading a package back.  The
-byte helpers (``read_parts``, ``reseal``) decode and re-seal packages by the
+byte functions (``read_parts``, ``reseal``) decode and re-seal packages by the
 documented layout, independently of spa_kernels.
 """
 
@@ -181,6 +181,9 @@ def test_shared_position_weights_are_stored_whole_once():
     assert pos[0]["tensors"]["value"]["shape"] == [3, 6, 6]
     by_name = {record["name"]: record for record in header["block_layers"]}
     assert "pos_weights" in by_name["fc1"]["tensors"] and "pos_weights" not in by_name["fc2"]["tensors"]
+    # Accounting: the shared position weights whole, once; fc1's K per active block; biases; prototypes once.
+    prototypes = 3 * (8 * 2 + 2 * 8)
+    assert splopa_stored_parameters(saved) == 3 * int(saved.fc1.block_mask.sum()) + 3 * 6 * 6 + 3 * 48 + prototypes
 
     fresh = splopa_model(base, shared_pos_weights=True)
     load_task(fresh, io.BytesIO(save_to_bytes(saved)))
