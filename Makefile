@@ -41,7 +41,7 @@ TRITON_SUBSET := -k "$(subst $(space), or ,$(strip $(TRITON_SUBSET_TESTS)))"
 .PHONY: install build test test-triton-versions test-slow test-wheel sanitize cuda-check gpu-check bench examples lint clean
 
 # The seed papers' methods on scikit-learn's digits; each writes a PNG and a table to examples/out/.
-EXAMPLES := examples.adaptive_pruning examples.layerwise_sls examples.spa_vs_finepruning
+EXAMPLES := examples.adaptive_pruning examples.layerwise_sls examples.spa_vs_finepruning examples.block_spa
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

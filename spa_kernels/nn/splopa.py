@@ -225,6 +225,10 @@ class SPLoPALinear(nn.Linear):
             self.block_mask.copy_(block_mask)
         self._all_active = bool(self.block_mask.all())
 
+    def refresh_indices(self) -> None:
+        """Re-read ``block_mask`` after it was written in place (``set_masks`` does this itself)."""
+        self._all_active = bool(self.block_mask.all())
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         # sp_adapters checkpoints have no mask: such a layer has every block active.

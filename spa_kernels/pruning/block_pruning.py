@@ -170,11 +170,23 @@ def iterative_block_prune(model: nn.Module, density: float, steps: int,
 
 def splopa_stored_parameters(model: nn.Module) -> int:
     """Values a task stores: K position weights per active block and the biases of every layer,
-    plus each distinct set of prototypes once (layers of one model share them)."""
+    plus each distinct set of prototypes once (layers of one model share them).
+
+    Position weights shared by several layers (``shared_pos_weights=True``) serve several
+    masks at once, so they count whole, once."""
+    layers = list(splopa_layers(model))
+    holders: dict[int, int] = {}
+    for _, layer in layers:
+        holders[id(layer.adapter.pos_weights)] = holders.get(id(layer.adapter.pos_weights), 0) + 1
     total = 0
     seen: set[int] = set()
-    for _, layer in splopa_layers(model):
-        total += layer.num_prototypes * int(layer.block_mask.sum())
+    for _, layer in layers:
+        pos_weights = layer.adapter.pos_weights
+        if holders[id(pos_weights)] == 1:
+            total += layer.num_prototypes * int(layer.block_mask.sum())
+        elif id(pos_weights) not in seen:
+            seen.add(id(pos_weights))
+            total += pos_weights.numel()
         if layer.bias is not None:
             total += layer.bias.numel()
         prototypes = layer.adapter.prototypes

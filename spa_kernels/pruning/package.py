@@ -18,6 +18,11 @@ What a package stores
   SPLoRA layer (docs/design.md §1).  The frozen weight is never stored.  For a grouped
   convolution (``groups > 1``) the adapter's columns are not input channels, so its
   columns are stored in full (rows are still restricted to ``O``).
+* For every SPLoPA layer (block-SPA, :mod:`.package_blocks`) outside the task-specific
+  modules: its block mask, bit-packed; the position weights of the active blocks
+  (K per block); its bias.  The prototypes, shared by the layers of one converted
+  model, are stored once per shared set (and so are position weights that several
+  layers share), and loading writes them once for every sharer.
 * For every task-specific module: its full state dict (parameters and persistent
   buffers), whatever the module is, SPA layers included.
 * By default (``trained_state=True``), every other tensor the task trains, outside the
@@ -31,7 +36,7 @@ What a package stores
   ``load_task_metadata(metadata)`` and returns all of them.
 
 Loading sets the masks with ``set_masks``, writes the stored entries and zeroes the
-inactive adapter and bias entries, so a package loaded after another leaves no trace
+inactive adapter and bias entries (a SPLoPA layer's inactive position weights), so a package loaded after another leaves no trace
 of the first.  Everything is parsed, checked against the model and staged on the
 parameters' device and dtype before the first write: a bad package raises
 ``ValueError`` and leaves the model unchanged.  (``load_task_metadata`` is user code
@@ -131,12 +136,17 @@ def load_task(model: nn.Module, path: PathOrFile) -> dict[str, dict[str, int]]:
             model.get_submodule(name).load_task_metadata(dict(metadata))
         for layer in plan.layers:
             layer.apply()
+        for block_layer in plan.blocks:
+            block_layer.apply()
+        for write in plan.shared:
+            write.apply()
         for module, state in plan.modules:
             module.load_state_dict(state, strict=True)
         for target, value in plan.state:
             target.copy_(value)
-        # Masks written in place above (an attention module's head mask) rebuild the
-        # index lists their modules keep so that forward never reads a mask on the host.
+        # Masks written in place above (an attention module's head mask, a SPLoPA block mask
+        # in an older package's state) rebuild what their modules keep so that forward never
+        # reads a mask on the host.
         for module in model.modules():
             refresh = getattr(module, "refresh_indices", None)
             if callable(refresh):

@@ -4,7 +4,7 @@
 ``task_size``) and says what a package stores; :mod:`.package_staging` checks a
 parsed package against a model before anything is written.
 
-Format (version 3)
+Format (version 4)
 ------------------
 
 All integers little-endian.  Nothing in a package is executed on load: the header
@@ -14,8 +14,9 @@ is JSON and the tensors are raw bytes.
 bytes      content
 =========  =====================================================================
 8          magic ``b"SPATASK\\0"``
-4          format version, uint32 (3; version 2 packages, which have no
-           ``"state"``, still load)
+4          format version, uint32 (4; versions 2 and 3 still load: version 3
+           has no ``"block_layers"`` and ``"shared"`` and stored a SPLoPA
+           layer's tensors whole in ``"state"``, version 2 has no ``"state"``)
 4          codec, uint32: 0 = stored, 1 = deflate
 8          header length ``H`` in bytes, uint64 (a multiple of 16)
 8          payload length ``P`` in bytes, uint64
@@ -57,12 +58,25 @@ The header is a JSON object::
      "state": [                        # other trained tensors, by qualified name:
        {"name": "bn1.weight", "tensors": {"value": BLOB}},   # norms, running statistics,
        {"name": "bn1.running_mean", "tensors": {"value": BLOB}}],  # tokens… (version 3)
+     "block_layers": [                 # SPLoPA layers outside task-specific modules
+       {"name": "mlp.fc1", "kind": "SPLoPALinear", "weight_shape": [64, 32],
+        "block_shape": [8, 8], "num_prototypes": 4, "rank": 1, "scale": 1.0,
+        "bias": true, "pos_weights": "own",         # "own" | "shared"
+        "active_blocks": 13,
+        "tensors": {"block_mask": BLOB,             # bits, out/p · in/q, row-major
+                    "pos_weights": BLOB,            # Φ[:, M]: K × active blocks ("own" only)
+                    "bias": BLOB}}],                # the whole bias
+     "shared": [                       # tensors held by several SPLoPA layers, once each
+       {"name": "mlp.fc1.adapter.prototypes", "kind": "prototypes",
+        "layers": ["mlp.fc1", "mlp.fc2"], "tensors": {"rows": BLOB, "cols": BLOB}},
+       {"name": "mlp.fc1.adapter.pos_weights", "kind": "pos_weights",
+        "layers": [...], "tensors": {"value": BLOB}}],   # version 4
      "metadata": {"truncate": {"depth": 3}}}
 
     BLOB = {"dtype": "float32", "shape": [8, 19], "offset": 1024, "bytes": 608}
 
 ``offset`` counts from the payload's start.  Masks have dtype ``"bits"``: ``shape``
-is the channel count ``n`` and the ``ceil(n / 8)`` bytes hold channel ``8j + b`` in
+is the channel (or block) count ``n`` and the ``ceil(n / 8)`` bytes hold channel ``8j + b`` in
 bit ``b`` (least significant first) of byte ``j``; padding bits are zero.  Other
 dtypes are torch dtype names (``float32``, ``bfloat16``, ``int64``, ``bool``, …);
 tensors keep the dtype of the parameter they came from.
@@ -88,10 +102,13 @@ from torch import Tensor, nn
 
 from ..nn import ChannelMasked
 from ._layers import spa_layers
+from .package_blocks import SHARED_KINDS, block_records
 
 MAGIC = b"SPATASK\x00"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)  # version 2 is version 3 without the "state" section
+FORMAT_VERSION = 4
+# Version 3 is version 4 without "block_layers" and "shared"; version 2 is 3 without "state".
+READABLE_VERSIONS = (2, 3, 4)
+FIRST_BLOCK_VERSION = 4  # the first version that stores SPLoPA layers as block layers
 FORMAT_NAME = "spa_kernels task package"
 CODEC_STORED = 0
 CODEC_DEFLATE = 1
@@ -234,11 +251,12 @@ def encode(model: nn.Module, owned: list[str], compress: bool, trained: list[str
     """The bytes of ``model``'s package; ``owned`` are the task-specific modules' names,
     ``trained`` the qualified names of the other parameters and buffers to store."""
     writer = _PayloadWriter()
-    layers = [
-        _layer_record(name, layer, writer)
-        for name, layer in spa_layers(model).items()
-        if not any(inside(name, outer) for outer in owned)
-    ]
+
+    def inside_owned(name: str) -> bool:
+        return any(inside(name, outer) for outer in owned)
+
+    layers = [_layer_record(name, layer, writer) for name, layer in spa_layers(model).items() if not inside_owned(name)]
+    block_layers, shared = block_records(model, inside_owned, writer)
     modules = []
     for name in owned:
         module = model.get_submodule(name)
@@ -249,7 +267,8 @@ def encode(model: nn.Module, owned: list[str], compress: bool, trained: list[str
     state_records = [{"name": name, "tensors": {"value": writer.tensor(tensors[name])}} for name in trained]
     metadata = {name: check_metadata(module.task_metadata(), name) for name, module in metadata_modules(model).items()}
     header = json.dumps(
-        {"format": FORMAT_NAME, "layers": layers, "modules": modules, "state": state_records, "metadata": metadata},
+        {"format": FORMAT_NAME, "layers": layers, "modules": modules, "state": state_records,
+         "block_layers": block_layers, "shared": shared, "metadata": metadata},
         separators=(",", ":"), allow_nan=False,
     ).encode("utf-8")
     header += b" " * ((-len(header)) % _ALIGN)
@@ -315,8 +334,13 @@ def parse(data: bytearray, where: str) -> tuple[dict, bytearray, int]:
     try:
         decoded = _decode_body(data[_PREFIX.size: expected - _DIGEST_BYTES], codec, header_bytes, payload_bytes)
         header = json.loads(bytes(decoded[:header_bytes]).decode("utf-8"))
-        if version == 2 and isinstance(header, dict):
-            header.setdefault("state", [])
+        if isinstance(header, dict):
+            if version < FIRST_BLOCK_VERSION:
+                header.setdefault("block_layers", [])
+                header.setdefault("shared", [])
+            if version == 2:
+                header.setdefault("state", [])
+            header["format_version"] = version  # staging reads older packages' SPLoPA layers from "state"
         _check_header(header, payload_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise fail(f"malformed header: {error}") from None
@@ -385,7 +409,7 @@ def _check_header(header: object, payload_bytes: int) -> None:
     """The header's structure (not yet whether it fits a model)."""
     expect(isinstance(header, dict), "not a JSON object")
     expect(header.get("format") == FORMAT_NAME, f"format name {header.get('format')!r}")
-    for section in ("layers", "modules", "state"):
+    for section in ("layers", "modules", "state", "block_layers", "shared"):
         records = header.get(section)
         expect(isinstance(records, list), f"no {section!r} list")
         for index, record in enumerate(records):
@@ -397,6 +421,16 @@ def _check_header(header: object, payload_bytes: int) -> None:
         expect(_is_int(record.get("active_in")) and _is_int(record.get("active_out")), f"{what} has no active counts")
         for key in ("in_mask", "out_mask"):
             expect(record["tensors"].get(key, {}).get("dtype") == BITS, f"{what} has no bit-packed {key}")
+    for record in header["block_layers"]:
+        what = f"block layer {record['name']!r}"
+        expect(_is_int(record.get("active_blocks")), f"{what} has no active block count")
+        expect(record["tensors"].get("block_mask", {}).get("dtype") == BITS, f"{what} has no bit-packed block_mask")
+    for record in header["shared"]:
+        what = f"shared entry {record['name']!r}"
+        expect(record.get("kind") in SHARED_KINDS, f"{what} has unknown kind {record.get('kind')!r}")
+        holders = record.get("layers")
+        expect(isinstance(holders, list) and holders and all(isinstance(name, str) for name in holders),
+               f"{what} names no layers")
     metadata = header.get("metadata")
     expect(isinstance(metadata, dict), "no 'metadata' object")
     for name, values in metadata.items():

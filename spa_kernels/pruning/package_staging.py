@@ -14,10 +14,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn import ChannelMasked
+from ..nn import ChannelMasked, SPLoPALinear
 from ._layers import spa_layers
+from .package_blocks import (
+    SHARED_KINDS,
+    block_layer_description,
+    block_layers_in_scope,
+    shared_pos_weight_names,
+    shared_tensors,
+    sharing_groups,
+)
 from .package_format import (
     DTYPES,
+    FIRST_BLOCK_VERSION,
     Malformed,
     decode_bits,
     decode_tensor,
@@ -67,8 +76,31 @@ class _StagedLayer:
 
 
 @dataclass
+class _StagedBlockLayer:
+    """Block mask, active position weights and bias of one SPLoPA layer, checked and ready to be written."""
+
+    layer: SPLoPALinear
+    block_mask: Tensor
+    active_rows: Tensor
+    active_cols: Tensor
+    pos_weights: Tensor | None  # (K, active blocks); None when the position weights are shared
+    bias: Tensor | None
+
+    def apply(self) -> None:
+        self.layer.set_masks(self.block_mask)
+        if self.pos_weights is not None:
+            target = self.layer.adapter.pos_weights
+            target.zero_()
+            target[:, self.active_rows, self.active_cols] = self.pos_weights
+        if self.bias is not None:
+            self.layer.bias.copy_(self.bias)
+
+
+@dataclass
 class Plan:
     layers: list[_StagedLayer]
+    blocks: list[_StagedBlockLayer]
+    shared: list[_Write]  # whole tensors held by several SPLoPA layers, written once
     modules: list[tuple[nn.Module, dict[str, Tensor]]]
     metadata: dict[str, dict[str, int]]
     state: list[tuple[Tensor, Tensor]]  # (target in the model, value on its device and dtype)
@@ -101,10 +133,16 @@ def _stage_checked(model: nn.Module, header: dict, data: bytearray, start: int) 
             owned_modules[name] = model.get_submodule(name)
         except AttributeError:
             raise Malformed(f"the model has no module {name!r}, which the package holds as task-specific") from None
-    model_layers = {
-        name: layer for name, layer in spa_layers(model).items() if not any(inside(name, outer) for outer in owned)
-    }
+
+    def inside_owned(name: str) -> bool:
+        return any(inside(name, outer) for outer in owned)
+
+    model_layers = {name: layer for name, layer in spa_layers(model).items() if not inside_owned(name)}
     _check_names("SPA layers", [record["name"] for record in header["layers"]], list(model_layers))
+    blocks, shared = [], []
+    # Packages older than block layers stored a SPLoPA layer's tensors whole in "state".
+    if header["format_version"] >= FIRST_BLOCK_VERSION:
+        blocks, shared = _stage_blocks(block_layers_in_scope(model, inside_owned), header, data, start)
     model_metadata = metadata_modules(model)
     _check_names("modules with task metadata", list(header["metadata"]), list(model_metadata))
     for name in header["metadata"]:
@@ -112,7 +150,7 @@ def _stage_checked(model: nn.Module, header: dict, data: bytearray, start: int) 
                 f"module {name!r} defines task_metadata but not load_task_metadata")
     layers = [_stage_layer(model_layers[record["name"]], record, data, start) for record in header["layers"]]
     modules = [_stage_module(owned_modules[record["name"]], record, data, start) for record in header["modules"]]
-    return Plan(layers, modules, header["metadata"], _stage_state(model, header["state"], data, start))
+    return Plan(layers, blocks, shared, modules, header["metadata"], _stage_state(model, header["state"], data, start))
 
 
 def _stage_state(model: nn.Module, records: list[dict], data: bytearray, start: int) -> list[tuple[Tensor, Tensor]]:
@@ -208,3 +246,76 @@ def _stage_module(module: nn.Module, record: dict, data: bytearray, start: int) 
                 f"{name!r} {key}: dtype {blob['dtype']} in the package, {target.dtype} in the model")
         state[key] = decode_tensor(data, start, blob).to(device=target.device, dtype=target.dtype)
     return module, state
+
+
+# --------------------------------------------------------------------------- block-SPA layers
+
+
+def _stage_blocks(model_blocks: dict[str, SPLoPALinear], header: dict, data: bytearray,
+                  start: int) -> tuple[list[_StagedBlockLayer], list[_Write]]:
+    _check_names("SPLoPA layers", [record["name"] for record in header["block_layers"]], list(model_blocks))
+    groups = sharing_groups(model_blocks)
+    for kind in SHARED_KINDS:
+        in_package = [sorted(record["layers"]) for record in header["shared"] if record["kind"] == kind]
+        in_model = [sorted(names) for names in groups[kind]]
+        expect(sorted(in_package) == sorted(in_model),
+               f"its {kind} are shared among the layers {sorted(in_package)}, the model's among {sorted(in_model)}")
+    shared_pos = shared_pos_weight_names(groups)
+    blocks = [_stage_block_layer(model_blocks[record["name"]], record, record["name"] in shared_pos, data, start)
+              for record in header["block_layers"]]
+    shared = [write for record in header["shared"]
+              for write in _stage_shared(model_blocks[record["layers"][0]], record, data, start)]
+    return blocks, shared
+
+
+def _float_value(blob: dict, target: Tensor, shape: tuple[int, ...], what: str, data: bytearray,
+                 start: int) -> Tensor:
+    expect(tuple(blob["shape"]) == shape, f"{what}: shape {blob['shape']} in the package, {list(shape)} expected "
+                                          "from the model")
+    expect(blob["dtype"] in DTYPES and DTYPES[blob["dtype"]].is_floating_point,
+           f"{what}: dtype {blob['dtype']} is not a float dtype")
+    return decode_tensor(data, start, blob).to(device=target.device, dtype=target.dtype)
+
+
+def _stage_block_layer(layer: SPLoPALinear, record: dict, pos_weights_shared: bool, data: bytearray,
+                       start: int) -> _StagedBlockLayer:
+    name = record["name"]
+    description = block_layer_description(name, layer, pos_weights_shared)
+    for key, value in description.items():
+        expect(record.get(key) == value,
+               f"block layer {name!r}: {key} is {record.get(key)!r} in the package, {value!r} in the model")
+    tensors = record["tensors"]
+    grid = tuple(layer.block_mask.shape)
+    bits = decode_bits(data, start, tensors["block_mask"], f"block layer {name!r} block_mask")
+    expect(bits.size == grid[0] * grid[1],
+           f"block layer {name!r}: block_mask holds {bits.size} blocks, the model's grid {grid} has {grid[0] * grid[1]}")
+    mask = bits.reshape(grid)
+    rows, cols = np.nonzero(mask)
+    expect(record["active_blocks"] == rows.size, f"block layer {name!r}: active block count disagrees with its mask")
+    wanted = {"block_mask"} | ({"pos_weights"} if not pos_weights_shared else set()) | (
+        {"bias"} if layer.bias is not None else set())
+    expect(set(tensors) == wanted, f"block layer {name!r} holds tensors {sorted(tensors)}, expected {sorted(wanted)}")
+    pos_weights = bias = None
+    if not pos_weights_shared:
+        target = layer.adapter.pos_weights
+        pos_weights = _float_value(tensors["pos_weights"], target, (target.shape[0], rows.size),
+                                   f"block layer {name!r} pos_weights", data, start)
+    if layer.bias is not None:
+        bias = _float_value(tensors["bias"], layer.bias, tuple(layer.bias.shape), f"block layer {name!r} bias",
+                            data, start)
+    device = layer.block_mask.device
+    return _StagedBlockLayer(layer, torch.from_numpy(mask).to(device), torch.from_numpy(rows).to(device),
+                             torch.from_numpy(cols).to(device), pos_weights, bias)
+
+
+def _stage_shared(holder: SPLoPALinear, record: dict, data: bytearray, start: int) -> list[_Write]:
+    kind, tensors = record["kind"], record["tensors"]
+    keys = ("rows", "cols") if kind == "prototypes" else ("value",)
+    expect(set(tensors) == set(keys),
+           f"shared {kind} {record['name']!r} holds tensors {sorted(tensors)}, expected {sorted(keys)}")
+    writes = []
+    for key, target in zip(keys, shared_tensors(holder)[kind], strict=True):
+        value = _float_value(tensors[key], target, tuple(target.shape), f"shared {kind} {record['name']!r} {key}",
+                             data, start)
+        writes.append(_Write(target, value, None, None))
+    return writes

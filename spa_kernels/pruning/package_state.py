@@ -2,7 +2,7 @@
 
 A task trains more than its adapters: norm layers' affine parameters and running
 statistics, a head, and whatever else the user left trainable.  By default a package
-stores, outside the SPA layers and the task-specific modules:
+stores, outside the SPA layers, the SPLoPA layers and the task-specific modules:
 
 * every parameter that requires grad;
 * every persistent buffer of a module that owns such a parameter, or of a norm layer
@@ -17,6 +17,12 @@ from torch import Tensor, nn
 
 from ..freeze import inside_any, is_norm
 from ._layers import spa_layers
+from .block_pruning import splopa_layers
+
+
+def _adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The SPA and SPLoPA layers: their masks, adapters and biases have package entries of their own."""
+    return spa_layers(model) | dict(splopa_layers(model))
 
 
 def _direct_tensors(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -28,7 +34,7 @@ def _direct_tensors(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Ten
 
 def trained_state_names(model: nn.Module, owned: list[str]) -> list[str]:
     """Qualified names of the parameters and buffers the package stores outside SPA layers and ``owned``."""
-    outside = list(spa_layers(model)) + owned
+    outside = list(_adapted_layers(model)) + owned
     names: list[str] = []
     seen: set[int] = set()  # a tensor shared by two modules is stored once
     for module_name, module in model.named_modules():
@@ -49,10 +55,10 @@ def trained_state_names(model: nn.Module, owned: list[str]) -> list[str]:
 def warn_about_left_out(model: nn.Module, owned: list[str], stored: list[str]) -> list[str]:
     """Warn naming every parameter that requires grad but that the package does not store; return them.
 
-    An SPA layer's package entry holds its masks, adapter and bias; a trainable
+    An SPA or SPLoPA layer's package entry holds its masks, adapter and bias; a trainable
     ``weight`` (masked fine-tuning) or any other trainable tensor of the layer is left out.
     """
-    layers = spa_layers(model)
+    layers = _adapted_layers(model)
     stored_set = set(stored)
     left_out = []
     for name, parameter in model.named_parameters():

@@ -29,7 +29,7 @@ from spa_kernels.pruning.package import load_task, save_task, task_size
 PREFIX = struct.Struct("<8sIIQQQ")  # magic, version, codec, header, payload and body lengths
 DIGEST = 32
 ALIGN = 16
-VERSION = 3
+VERSION = 4
 STORED, DEFLATE = 0, 1
 HEAD_AND_NORMS = ("head", "stem_bn", "block.bn1", "block.bn2", "down.bn1", "down.bn2", "down.shortcut.1")
 
@@ -417,7 +417,7 @@ BAD_BYTES = {
     "trailing bytes": (lambda data: data + b"\0", "unexpected bytes"),
     "wrong magic": (lambda data: b"PK\x03\x04" + data[4:], "magic"),
     "older version": (resealed(version=1), "format version 1"),
-    "newer version": (resealed(version=4), "format version 4"),
+    "newer version": (resealed(version=5), "format version 5"),
     "unknown codec": (resealed(codec=7), "unknown codec 7"),
     "deflate stream not zlib": (lambda data: reseal_body(data, b"not a zlib stream"), "corrupt deflate stream"),
     "deflate stream cut short": (lambda data: reseal_body(data, zlib.compress(data)[:40]),
