@@ -206,8 +206,6 @@ def splopa_linear_backward(
     need_x, need_w, need_rows, need_cols, need_phi, need_bias = (bool(m) for m in output_mask)
     num_prototypes, block_rows, block_cols = pos_weights.shape
     p, q = prototype_cols.shape[1], prototype_rows.shape[2]
-    # Uninitialised gradients only where the kernels write every entry.
-    all_written = x.shape[0] > 0 and (block_mask is None or bool(block_mask.all()))
 
     grad_x = grad_w = grad_rows = grad_cols = grad_phi = grad_bias = None
     if need_x:
@@ -227,10 +225,15 @@ def splopa_linear_backward(
             block_row_of, block_col_of = block_mask.nonzero(as_tuple=True)  # row-major: the stack's order
         active = block_row_of.numel()
         most_active = int(by_row.counts.max()) if active else 0
-        factory = torch.empty if x.shape[0] > 0 else torch.zeros
-        stack = factory((active, p, q), dtype=torch.float32, device=x.device) if need_stack else None
+        # Uninitialised only where the kernel writes every entry.
+        every_block_written = x.shape[0] > 0 and active == block_rows * block_cols
+        if need_stack:
+            stack = (torch.empty if x.shape[0] > 0 else torch.zeros)((active, p, q), dtype=torch.float32,
+                                                                     device=x.device)
+        else:
+            stack = None
         if need_w:
-            grad_w = torch.empty_like(weight) if all_written else torch.zeros_like(weight)
+            grad_w = torch.empty_like(weight) if every_block_written else torch.zeros_like(weight)
         block_gradients(grad_out, x, by_row, (p, q), most_active, stack, grad_w)
 
         if need_stack:
