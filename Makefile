@@ -17,7 +17,7 @@ TEST_DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-timeout hypothe
 NO_DEPS := structured-pruning-adapters==0.7.1 torch-pruning==1.6.1
 
 # The Triton backend's test files (run in Triton's interpreter on a CPU-only machine).
-TRITON_TESTS := tests/backends/test_triton_linear.py tests/backends/test_triton_conv.py
+TRITON_TESTS := tests/backends/test_triton_linear.py tests/backends/test_triton_conv.py tests/backends/test_triton_splopa.py
 # `make test-triton-versions` runs them under each of these releases, each in a
 # venv of its own (.venv-triton-<version>, made once and reused) with the same
 # torch, so the in-place extension serves them all.  The newest release runs the

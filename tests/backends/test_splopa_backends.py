@@ -4,6 +4,10 @@ Forward and every gradient, on shapes that break kernels: blocks that are not
 multiples of any tile, 1 × 1 blocks, primes, batch 1, rank 1 and large ranks,
 densities 1.0 / 0.5 / 0.1, all pruned, one block kept, non-contiguous inputs,
 every instruction set of the cpu backend.  NaN sits in every pruned block.
+
+The triton backend runs on the CPU only in Triton's interpreter, hundreds of
+times slower, so it gets its own list of small cases (``INTERPRETER_SPECS``)
+rather than every case above; ``test_triton_splopa.py`` holds its other checks.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from support.splopa_cases import (
     run,
 )
 
-BACKENDS = non_reference_splopa_params()
+from spa_kernels.backend import triton as triton_backend
+
+BACKENDS = non_reference_splopa_params(exclude=("triton",))  # triton: the interpreter cases at the end
 
 SPECS = {
     "default": SPLoPASpec(),
@@ -83,3 +89,54 @@ def test_backend_random_cases(backend_param, lead, block_rows, block_cols, p, q,
     # cases above cover float32 and bfloat16.
     with forced_isa(isa):
         check_against_oracle(f"{backend}[{isa}] random", build_case(spec), torch.float64, backend)
+
+
+# --------------------------------------------------------------------------- triton, in the interpreter
+
+needs_interpreter = pytest.mark.skipif(
+    not triton_backend.is_available("cpu", None),
+    reason="the triton backend runs on CPU tensors only with Triton installed and TRITON_INTERPRET=1 set before "
+           "its import",
+)
+
+# Small enough for the interpreter, whose tiles are 16 wide: 4 × 4 and 8 × 8
+# blocks pack several blocks per tile; 17 × 33 blocks span tiles with ragged
+# tails; K·r = 21 takes two blocks of prototype ranks.
+INTERPRETER_SPECS = {
+    "default": SPLoPASpec(),
+    "4x4-k1-rank1": SPLoPASpec(lead=(20,), block_shape=(4, 4), block_rows=5, block_cols=6, num_prototypes=1,
+                               rank=1),
+    "8x8-mask-none": SPLoPASpec(lead=(18,), block_shape=(8, 8), block_rows=3, block_cols=4, density=None),
+    "8x8-dense-given": SPLoPASpec(lead=(5,), block_shape=(8, 8), block_rows=2, block_cols=3, density=1.0),
+    "4x4-tenth": SPLoPASpec(lead=(9,), block_shape=(4, 4), block_rows=6, block_cols=5, density=0.1),
+    "all-pruned": SPLoPASpec(block_shape=(4, 4), density=0.0),
+    "one-block": SPLoPASpec(block_shape=(8, 8), block_rows=3, block_cols=3, density=1 / 9),
+    "batch-1": SPLoPASpec(lead=(1,), block_shape=(4, 4)),
+    "3d-noncontiguous-no-bias": SPLoPASpec(lead=(2, 3), block_shape=(4, 4), noncontiguous=True, bias=False),
+    "1x1-blocks": SPLoPASpec(block_shape=(1, 1), block_rows=9, block_cols=7, rank=1),
+    "prime-blocks-k3-rank7": SPLoPASpec(block_shape=(13, 7), block_rows=2, block_cols=3, rank=7),
+    "blocks-wider-than-tiles": SPLoPASpec(lead=(21,), block_shape=(17, 33), block_rows=3, block_cols=2, rank=2),
+    "frozen-weight": SPLoPASpec(block_shape=(4, 4), grads=("x", "prototype_rows", "prototype_cols", "pos_weights",
+                                                           "bias")),
+    "adapter-only": SPLoPASpec(block_shape=(8, 8), grads=("prototype_cols", "pos_weights")),
+    "x-only": SPLoPASpec(block_shape=(4, 4), grads=("x",)),
+}
+
+INTERPRETER_LOW_PRECISION = ("default", "8x8-mask-none", "blocks-wider-than-tiles")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("spec_name", list(INTERPRETER_SPECS))
+def test_triton_float32_matches_oracle_and_reference(spec_name):
+    case = build_case(INTERPRETER_SPECS[spec_name])
+    check_against_oracle(f"triton {spec_name}", case, torch.float32, "triton")
+    check_results(f"triton {spec_name} vs reference",
+                  {k: v.double() for k, v in run(case, torch.float32, "triton").items()},
+                  {k: v.double() for k, v in run(case, torch.float32, "reference").items()}, torch.float32)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("spec_name", INTERPRETER_LOW_PRECISION)
+def test_triton_low_precision_within_twice_torch_error(spec_name, dtype):
+    check_against_oracle(f"triton {spec_name}", build_case(INTERPRETER_SPECS[spec_name]), dtype, "triton")

@@ -63,15 +63,16 @@ class SPLoPACase:
             mask = torch.ones(self.spec.block_rows, self.spec.block_cols, dtype=torch.bool)
         return mask
 
-    def leaves(self, dtype: torch.dtype, *, plant_nan: bool = True) -> dict[str, Tensor | None]:
-        """Fresh leaf tensors in ``dtype``, NaN at pruned blocks of weight and pos_weights, grads as the spec asks."""
+    def leaves(self, dtype: torch.dtype, *, plant_nan: bool = True, device: str = "cpu") -> dict[str, Tensor | None]:
+        """Fresh leaf tensors in ``dtype`` on ``device``, NaN at pruned blocks of weight and pos_weights, grads as
+        the spec asks."""
         pruned = ~self.dense_mask
         leaves = {}
         for name, value in self.values.items():
             if value is None:
                 leaves[name] = None
                 continue
-            t = value.to(dtype).clone()
+            t = value.to(device=device, dtype=dtype).clone()
             if plant_nan and name == "pos_weights":
                 t[:, pruned] = float("nan")
             if plant_nan and name == "weight":
@@ -127,28 +128,33 @@ def oracle_forward(x, weight, rows, cols, pos_weights, bias, block_mask, scale, 
 
 
 def run(case: SPLoPACase, dtype: torch.dtype, backend: str | None, *, oracle: bool = False, plant_nan: bool = True,
-        grad_out: Tensor | None = None) -> dict[str, Tensor | None]:
-    """Output ``y`` and the gradients the spec asks for, from the op or (``oracle``) the dense formula."""
-    leaves = case.leaves(dtype, plant_nan=plant_nan and not oracle)
+        grad_out: Tensor | None = None, device: str = "cpu") -> dict[str, Tensor | None]:
+    """Output ``y`` and the gradients the spec asks for, from the op or (``oracle``) the dense formula.
+
+    The op runs on ``device``; the results come back on the CPU.
+    """
+    leaves = case.leaves(dtype, plant_nan=plant_nan and not oracle, device=device)
     args = case.presented(leaves)
     operands = [args[name] for name in OPERAND_NAMES]
     if oracle:
         y = oracle_forward(*operands[:6], case.dense_mask, case.spec.scale, case.spec.block_shape)
     else:
-        y = spa_kernels.splopa_linear(*operands, case.block_mask, scale=case.spec.scale, backend=backend)
+        block_mask = None if case.block_mask is None else case.block_mask.to(device)
+        y = spa_kernels.splopa_linear(*operands, block_mask, scale=case.spec.scale, backend=backend)
     result = {"y": y.detach()}
     wanted = [name for name in case.spec.grads if leaves[name] is not None]
     if wanted:
         if grad_out is None:
             grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        grads = torch.autograd.grad(y, [leaves[n] for n in wanted], grad_out.to(dtype))
+        grads = torch.autograd.grad(y, [leaves[n] for n in wanted], grad_out.to(device=device, dtype=dtype))
         result.update(zip(wanted, grads, strict=True))
-    return result
+    return {key: value.cpu() for key, value in result.items()}
 
 
-def check_against_oracle(name: str, case: SPLoPACase, dtype: torch.dtype, backend: str | None) -> None:
+def check_against_oracle(name: str, case: SPLoPACase, dtype: torch.dtype, backend: str | None,
+                         device: str = "cpu") -> None:
     expected = run(case, torch.float64, None, oracle=True)
-    actual = run(case, dtype, backend)
+    actual = run(case, dtype, backend, device=device)
     yardstick = run(case, dtype, None, oracle=True) if dtype in (torch.bfloat16, torch.float16) else None
     check_results(name, {k: v.double() for k, v in actual.items()}, expected, dtype,
                   None if yardstick is None else {k: v.double() for k, v in yardstick.items()})
@@ -184,17 +190,16 @@ def splopa_backends() -> list[str]:
     return [name for name in spa_kernels.backends("cpu") if implements_splopa(name)]
 
 
-def non_reference_splopa_params() -> list:
-    """``non_reference_backend_params`` restricted to backends implementing ``splopa_linear``.
+def non_reference_splopa_params(*, exclude: tuple[str, ...] = ()) -> list:
+    """``non_reference_backend_params`` less the backends named in ``exclude``.
 
-    A backend present but without the op is a skip with the reason, never a silent pass.
+    Every backend listed implements ``splopa_linear``; one that stops doing so
+    fails its tests rather than being skipped.  Nothing left is one skipped
+    param that says why, never a silent pass.
     """
-    params = []
-    for param in non_reference_backend_params():
-        name = param.values[0][0] if param.values and param.values[0] else None
-        if name is None or implements_splopa(name):
-            params.append(param)
-        else:
-            params.append(pytest.param(param.values[0], id=param.id,
-                                       marks=pytest.mark.skip(reason=f"backend {name!r} has no splopa_linear")))
+    params = [param for param in non_reference_backend_params()
+              if not (param.values and param.values[0] and param.values[0][0] in exclude)]
+    if not params:
+        reason = f"no non-reference CPU backend other than {exclude} runs here"
+        params.append(pytest.param(None, marks=pytest.mark.skip(reason=reason), id="none-built"))
     return params

@@ -24,11 +24,13 @@ CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float32, torc
 try:
     import triton  # noqa: F401
 
-    from . import conv, conv_backward, linear, linear_backward
+    from . import conv, conv_backward, linear, linear_backward, splopa, splopa_backward
     from .conv import splora_conv_forward, sppara_conv_forward
     from .conv_backward import splora_conv_backward, sppara_conv_backward
     from .linear import INTERPRETED, splora_linear_forward
     from .linear_backward import splora_linear_backward
+    from .splopa import splopa_linear_forward
+    from .splopa_backward import splopa_linear_backward
 
     IMPORTED = True
     IMPORT_ERROR: str | None = None
@@ -56,7 +58,9 @@ def is_available(device_type: str, dtype: torch.dtype | None = None) -> bool:
 
 
 if IMPORTED:
-    register_backend(Backend(name, CAPABILITIES, kernels=(linear, linear_backward, conv, conv_backward), ready=ready))
+    register_backend(Backend(
+        name, CAPABILITIES, kernels=(linear, linear_backward, conv, conv_backward, splopa, splopa_backward), ready=ready
+    ))
 
 __all__ = [
     "CAPABILITIES",
@@ -65,6 +69,8 @@ __all__ = [
     "is_available",
     "name",
     "ready",
+    "splopa_linear_backward",
+    "splopa_linear_forward",
     "splora_conv_backward",
     "splora_conv_forward",
     "splora_linear_backward",
