@@ -44,7 +44,8 @@ def test_reference_matches_oracle(spec_name, dtype):
     num_prototypes=st.integers(1, 4),
     rank=st.integers(1, 3),
     density=st.one_of(st.none(), st.floats(0.0, 1.0)),
-    scale=st.floats(-2.0, 2.0),
+    # zero, or far from float64's subnormals, where the order of the products decides underflow
+    scale=st.one_of(st.just(0.0), st.floats(1e-3, 2.0), st.floats(-2.0, -1e-3)),
 )
 def test_reference_matches_oracle_random(lead, block_rows, block_cols, p, q, num_prototypes, rank, density, scale):
     spec = SPLoPASpec(lead=lead, block_rows=block_rows, block_cols=block_cols, block_shape=(p, q),
