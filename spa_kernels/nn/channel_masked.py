@@ -12,6 +12,12 @@ The index lists are plain tensor attributes, not buffers: torch.compile gives
 module buffers static shapes and would recompile the model at every mask change,
 while the length of a plain attribute is a symbol (the first pruning of a layer
 recompiles once; later mask changes reuse the graph).
+
+Compact activations: with ``compact_input`` set, a layer reads only its active input
+channels (``len(in_idx)`` of them, in increasing order); with ``compact_output`` it
+writes only its active outputs.  :func:`spa_kernels.compact_activations` sets both
+for the layers inside one channel group, so the tensors between them never hold
+the pruned channels.
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ class ChannelMasked(nn.Module):
     out_mask: Tensor
     in_idx: Tensor | None
     out_idx: Tensor | None
+    # Plain attributes, not buffers: a compact mode is a way of running the model,
+    # not part of a checkpoint or a task package.
+    compact_input: bool = False
+    compact_output: bool = False
 
     def __setattr__(self, name: str, value: object) -> None:
         # Code that rebuilds a layer's weight from outside, like torch.nn.utils.fusion's
@@ -101,6 +111,19 @@ class ChannelMasked(nn.Module):
             if out_mask is not None:
                 self.out_mask.copy_(out_mask)
         self._rebuild_indices()
+
+    def _compact_flags(self) -> dict[str, bool]:
+        """The compact keywords of the functional op; none while the layer runs full width.
+
+        Only the keywords that are set are passed, so a layer in full-width mode calls
+        the op exactly as before.
+        """
+        flags = {}
+        if self.compact_input:
+            flags["compact_input"] = True
+        if self.compact_output:
+            flags["compact_output"] = True
+        return flags
 
     def _apply(self, fn, recurse: bool = True):
         module = super()._apply(fn, recurse)
