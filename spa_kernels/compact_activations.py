@@ -274,7 +274,7 @@ def compact_activations(
     for group in groups:
         reason = _full_width_reason(model, group, layers, inside_attention)
         if reason is not None:
-            logger.debug("%r stays full width: %s", group, reason)
+            logger.debug("channels written by %s stay full width: %s", ", ".join(group.producers), reason)
             continue
         producers = [layers[name] for name in group.producers]
         for layer in producers:
@@ -287,7 +287,7 @@ def compact_activations(
             norm.channel_source = (producers[0],)
         agreement.append([(name, layers[name], "out_idx") for name in group.producers]
                          + [(name, layers[name], "in_idx") for name in group.consumers])
-        logger.debug("%r runs on compact activations", group)
+        logger.debug("channels written by %s run compact", ", ".join(group.producers))
     if agreement:
         model.register_forward_pre_hook(MaskAgreement(agreement))
     return model

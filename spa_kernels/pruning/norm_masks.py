@@ -46,6 +46,11 @@ class NormChannelMask:
         self._buffers: list[Tensor] = []
         self._mask: Tensor | None = None
 
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) gets new mask buffers whose version counters restart
+        # at zero: a cached mask could match their versions by chance and go stale.
+        return {**self.__dict__, "_key": None, "_versions": [], "_buffers": [], "_mask": None}
+
     def set_sources(self, key: tuple[int, ...], sources: list[_MaskSource]) -> None:
         """Register (or replace) the sources of one group's norm channels ``key``."""
         self.sources[key] = sources
