@@ -113,17 +113,8 @@ class ChannelMasked(nn.Module):
         self._rebuild_indices()
 
     def _compact_flags(self) -> dict[str, bool]:
-        """The compact keywords of the functional op; none while the layer runs full width.
-
-        Only the keywords that are set are passed, so a layer in full-width mode calls
-        the op exactly as before.
-        """
-        flags = {}
-        if self.compact_input:
-            flags["compact_input"] = True
-        if self.compact_output:
-            flags["compact_output"] = True
-        return flags
+        """The compact keywords of the functional op, as this layer runs now."""
+        return {"compact_input": self.compact_input, "compact_output": self.compact_output}
 
     def _apply(self, fn, recurse: bool = True):
         module = super()._apply(fn, recurse)

@@ -8,7 +8,6 @@ that the tensors inside compacted groups really hold only the active channels.
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 
 import pytest
@@ -19,15 +18,10 @@ from torch import Tensor, nn
 
 import spa_kernels
 from spa_kernels.compact_activations import CompactBatchNorm, MaskAgreement
-from spa_kernels.functional import splora_linear_trusted
 from spa_kernels.nn import ChannelMasked
 from spa_kernels.pruning import channel_groups, load_task, save_task
 
-pytestmark = [
-    pytest.mark.usefixtures("one_torch_thread"),
-    pytest.mark.skipif("compact_input" not in inspect.signature(splora_linear_trusted).parameters,
-                       reason="the functional ops have no compact_input/compact_output yet"),
-]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
 TOLERANCE = 1e-5
 
