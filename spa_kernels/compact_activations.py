@@ -15,11 +15,12 @@ compacted when every layer on its channels can take a compact tensor:
   one (``compact_input``); a concatenation, a split or a flatten that maps one channel
   onto several inputs makes the channel positions depend on more than one group, so
   such a group stays full width;
-- its norms are batch norms (:class:`torch.nn.BatchNorm1d`/``2d``/``3d`` exactly, not
-  subclasses), whose statistics are per channel and so the same on the active
-  channels alone.  Layer, group and instance norms of a group count the pruned zeros
-  in their statistics (:mod:`spa_kernels.pruning.norm_masks`), so their group stays
-  full width;
+- its norms are batch norms (:class:`torch.nn.BatchNorm1d`/``2d``/``3d``), whose
+  statistics are per channel and so the same on the active channels alone, or layer
+  norms over the channels (:class:`torch.nn.LayerNorm` of one dimension), whose
+  statistics over all channels, pruned zeros included, follow from the active ones
+  (:class:`CompactLayerNorm`).  Exactly these classes, not subclasses, whose forward
+  may differ.  Group and instance norms keep their group full width;
 - everything else on the channels is an operation that acts channel by channel
   (activations, residual additions inside the group, pooling, dropout): that is what
   ``channel_groups`` requires of a prunable group.  Attention groups stay full width.
@@ -29,12 +30,12 @@ prunable only if its channels reach no model output and no layer other than SPA
 layers and norms, so the boundaries of a compacted group are its producers' inputs
 and its consumers' outputs, where the SPA layers themselves switch width.
 
-**Norms.**  A batch norm of a compacted group gets the class :class:`CompactBatchNorm2d`
-(1d, 3d), a subclass of its own, so state-dict keys, ``isinstance`` checks and task
-packages are unchanged.  Its forward gathers the affine parameters and running
-statistics at the active channels, and in training writes the updated statistics of
-those channels back in place (``index_copy_``); the statistics of pruned channels are
-left as they are.  The active channels are the group producer's ``out_idx``: the very
+**Norms.**  A norm of a compacted group gets a subclass of its own class
+(:class:`CompactBatchNorm2d` and so on), so state-dict keys, ``isinstance`` checks and
+task packages are unchanged.  Its forward gathers the affine parameters (and a batch
+norm's running statistics) at the active channels; in training a batch norm writes
+the updated statistics of those channels back in place (``index_copy_``), and the
+statistics of pruned channels are left as they are.  The active channels are the group producer's ``out_idx``: the very
 index list the producer compacted its output with, rebuilt by ``set_masks``,
 ``load_state_dict`` and ``load_task`` with no host sync in forward, and a symbol of
 dynamic length under ``torch.compile``.  The norm-mask hooks pass a compact norm's
@@ -66,32 +67,41 @@ logger = logging.getLogger("spa_kernels")
 
 
 # --------------------------------------------------------------------------------------------------
-# Batch norms on compact channels.
+# Norms on compact channels.
 
 
-class CompactBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Forward of a batch norm whose input holds only the channels its group producer keeps.
+class CompactNorm(nn.Module):
+    """What the norms running on compact channels share.
 
     Not instantiated: :func:`compact_activations` rebinds the ``__class__`` of an
-    existing norm to one of the concrete subclasses below and sets ``channel_source``,
+    existing norm to a subclass of its own class (below) and sets ``channel_source``,
     a one-element tuple holding the group's first producer (a tuple, so that the
     producer is not registered as a child module and the state dict stays the same).
     """
 
     compact_channels = True  # read by the norm-mask hooks: nothing pruned to zero here
-    full_width_class: type[nn.modules.batchnorm._BatchNorm]
+    full_width_class: type[nn.Module]
     channel_source: tuple[ChannelMasked]
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _active_channels(self, input: Tensor, dim: int, channels: int) -> Tensor | None:
+        """The producer's ``out_idx``: the channels ``input`` holds (``None``: all of them)."""
         # A copy of this norm traced without its SPA producer (the shadow model that
         # channel_groups builds) has a plain layer there, with no index list: full width.
         active = getattr(self.channel_source[0], "out_idx", None)
+        if active is not None and input.shape[dim] != active.shape[0]:
+            raise RuntimeError(f"a compact {self.full_width_class.__name__} got {input.shape[dim]} channels, its "
+                               f"group keeps {active.shape[0]} of {channels}")
+        return active
+
+
+class CompactBatchNorm(CompactNorm, nn.modules.batchnorm._BatchNorm):
+    """Batch norm on the active channels: parameters and statistics gathered, statistics written back."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        active = self._active_channels(input, 1, self.num_features)
         if active is None:
             return self.full_width_class.forward(self, input)
         self._check_input_dim(input)
-        if input.shape[1] != active.shape[0]:
-            raise RuntimeError(f"a compact {self.full_width_class.__name__} got {input.shape[1]} channels, its "
-                               f"group keeps {active.shape[0]} of {self.num_features}")
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -124,8 +134,41 @@ class CompactBatchNorm3d(CompactBatchNorm, nn.BatchNorm3d):
     full_width_class = nn.BatchNorm3d
 
 
-COMPACT_NORMS: dict[type[nn.Module], type[CompactBatchNorm]] = {
+class CompactLayerNorm(CompactNorm, nn.LayerNorm):
+    """Layer norm over the channels (last dimension) when only the active ones are present.
+
+    The full-width norm averages over all ``C`` channels, the pruned ones being exact
+    zeros.  With ``k`` active channels ``x``, the same statistics are
+    ``mean = Σx / C`` and ``var = (Σ(x - mean)² + (C - k)·mean²) / C``: zeros sit at
+    distance ``mean`` from the mean.  Computed in float32 for half-precision inputs.
+    """
+
+    full_width_class = nn.LayerNorm
+
+    def forward(self, input: Tensor) -> Tensor:
+        channels = self.normalized_shape[0]
+        active = self._active_channels(input, -1, channels)
+        if active is None:
+            return nn.LayerNorm.forward(self, input)
+        low_precision = input.dtype in (torch.float16, torch.bfloat16)
+        x = input.float() if low_precision else input
+        mean = x.sum(-1, keepdim=True) / channels
+        centred = x - mean
+        pruned = channels - active.shape[0]
+        var = (centred.square().sum(-1, keepdim=True) + mean.square() * pruned) / channels
+        output = centred * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            output = output * self.weight.index_select(0, active).to(output.dtype)
+        if self.bias is not None:
+            output = output + self.bias.index_select(0, active).to(output.dtype)
+        if low_precision and not torch.is_autocast_enabled(input.device.type):
+            output = output.to(input.dtype)  # as F.layer_norm: float32 under autocast, else the input's
+        return output
+
+
+COMPACT_NORMS: dict[type[nn.Module], type[CompactNorm]] = {
     nn.BatchNorm1d: CompactBatchNorm1d, nn.BatchNorm2d: CompactBatchNorm2d, nn.BatchNorm3d: CompactBatchNorm3d,
+    nn.LayerNorm: CompactLayerNorm,
 }
 """The norm classes that run on compact channels, and the class each gets meanwhile."""
 
@@ -208,7 +251,9 @@ def _full_width_reason(model: nn.Module, group: ChannelGroup, layers: dict[str, 
     for name, channel_map in group.norm_maps.items():
         norm = model.get_submodule(name)
         if type(norm) not in COMPACT_NORMS:
-            return f"norm {name} is a {type(norm).__name__}, whose statistics count the pruned channels"
+            return f"norm {name} is a {type(norm).__name__}, which has no compact forward"
+        if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) != 1:
+            return f"norm {name} normalises over more than the channels"
         if not _is_whole_side(channel_map, group.size):
             return f"norm {name} covers more than the group"
     return None
@@ -312,7 +357,7 @@ def expand_activations(model: nn.Module) -> nn.Module:
         if isinstance(module, ChannelMasked):
             module.__dict__.pop("compact_input", None)
             module.__dict__.pop("compact_output", None)
-        if isinstance(module, CompactBatchNorm):
+        if isinstance(module, CompactNorm):
             module.__class__ = module.full_width_class
             module.__dict__.pop("channel_source", None)
         for key in [key for key, hook in module._forward_pre_hooks.items() if isinstance(hook, MaskAgreement)]:
@@ -322,4 +367,4 @@ def expand_activations(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["COMPACT_NORMS", "CompactBatchNorm", "CompactBatchNorm1d", "CompactBatchNorm2d", "CompactBatchNorm3d",
-           "MaskAgreement", "compact_activations", "expand_activations"]
+           "CompactLayerNorm", "CompactNorm", "MaskAgreement", "compact_activations", "expand_activations"]

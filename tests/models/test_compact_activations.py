@@ -17,7 +17,7 @@ from support.whole_models import HAS_TRANSFORMERS, EncoderClassifier, encoder_in
 from torch import Tensor, nn
 
 import spa_kernels
-from spa_kernels.compact_activations import CompactBatchNorm, MaskAgreement
+from spa_kernels.compact_activations import CompactBatchNorm, CompactLayerNorm, CompactNorm, MaskAgreement
 from spa_kernels.nn import ChannelMasked
 from spa_kernels.pruning import channel_groups, load_task, save_task
 
@@ -243,7 +243,7 @@ def test_expand_activations_restores_full_width():
     full, compact, groups = pruned_pair(ResidualCNN, (x,))
     assert spa_kernels.expand_activations(compact) is compact
     for module in compact.modules():
-        assert not isinstance(module, CompactBatchNorm)
+        assert not isinstance(module, CompactNorm)
         assert not any(isinstance(h, MaskAgreement) for h in module._forward_pre_hooks.values())
         if isinstance(module, ChannelMasked):
             assert not module.compact_input and not module.compact_output
@@ -287,15 +287,41 @@ class ConcatAndFlatten(nn.Module):
         return self.head(torch.relu(self.norm(self.inner(torch.flatten(y, 1)))))
 
 
-def test_concat_flatten_and_layer_norm_groups_stay_full_width():
+def test_concat_and_flatten_stay_full_width_layer_norm_runs_compact():
     x = torch.randn(2, 3, 4, 4)
     full, compact, groups = pruned_pair(ConcatAndFlatten, (x,))
     assert len(groups) == 4  # left, right, mix and inner each write one group
-    for name, module in compact.named_modules():
-        if isinstance(module, ChannelMasked):
-            assert not module.compact_input and not module.compact_output, name
-    assert not isinstance(compact.bn, CompactBatchNorm)
-    assert_same_run(full.train(), compact.train(), x)
+    for name in ("left", "right", "mix"):
+        layer = compact.get_submodule(name)
+        assert not layer.compact_input and not layer.compact_output, name
+    assert not compact.inner.compact_input  # mix's channels reach it through a flatten of 2×2 positions
+    assert not isinstance(compact.bn, CompactNorm)
+    assert compact.inner.compact_output and compact.head.compact_input
+    assert isinstance(compact.norm, CompactLayerNorm)
+    widths = []
+    handle = compact.head.register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[-1]))
+    with torch.no_grad():
+        compact.eval()(x)  # eval: the full-width batch norm's statistics stay as the reference's
+    handle.remove()
+    inner_group = next(g for g in groups if g.producers == ["inner"])
+    assert widths == [int(inner_group.kept(compact).sum())] and widths[0] < inner_group.size
+    for mode in ("train", "eval"):
+        assert_same_run(full.train(mode == "train"), compact.train(mode == "train"), x)
+
+
+def test_group_norm_group_stays_full_width():
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 6, 3),
+                             nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+
+    x = torch.randn(2, 3, 6, 6)
+    full, compact, groups = pruned_pair(build, (x,))
+    assert [g.norms for g in groups] == [["1"], ["4"]]
+    assert not compact[0].compact_output and not compact[3].compact_input
+    assert compact[3].compact_output and compact[8].compact_input and isinstance(compact[4], CompactBatchNorm)
+    assert assert_norms_compact(compact, groups, x) == 1
+    for mode in ("train", "eval"):
+        assert_same_run(full.train(mode == "train"), compact.train(mode == "train"), x)
 
 
 # --------------------------------------------------------------------------------------------------
