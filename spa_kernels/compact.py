@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .compact_activations import expand_activations
 from .freeze import inside_any
 from .nn import ChannelMasked, SPLoRAMultiheadAttention
 from .pruning import remove_norm_masks
@@ -34,6 +35,7 @@ def _run(model: nn.Module, inputs: Tensor | Sequence | Mapping):
 def _merged(model: nn.Module, names: list[str]) -> nn.Module:
     """A deep copy of ``model`` with every named SPA module replaced by its merged torch module."""
     plain = copy.deepcopy(model)
+    expand_activations(plain)  # plain torch norms, not norms that follow an SPA layer's index list
     remove_norm_masks(plain)
     for name in names:
         layer = plain.get_submodule(name)

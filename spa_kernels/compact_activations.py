@@ -107,6 +107,16 @@ class CompactBatchNorm(CompactNorm, nn.modules.batchnorm._BatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, as the full-width norm
                 momentum = 1.0 / float(self.num_batches_tracked)
+        if active.shape[0] == 0:
+            # Every channel pruned: nothing to normalise (F.batch_norm refuses it).  The affine
+            # still takes part, so that its gradient is zeros as at full width, not None.
+            shape = [1, 0] + [1] * (input.dim() - 2)
+            output = input
+            if self.weight is not None:
+                output = output * self.weight.index_select(0, active).view(shape)
+            if self.bias is not None:
+                output = output + self.bias.index_select(0, active).view(shape)
+            return output
         batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
         running_mean = None if self.running_mean is None else self.running_mean.index_select(0, active)
         running_var = None if self.running_var is None else self.running_var.index_select(0, active)
@@ -193,7 +203,9 @@ class MaskAgreement:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if torch.compiler.is_compiling():
             return
-        current = [[getattr(layer, side) for _, layer, side in members] for members in self.groups]
+        # getattr with a default: in a copy whose SPA layers became plain ones (the shadow
+        # model channel_groups traces) there are no index lists, and nothing to check.
+        current = [[getattr(layer, side, None) for _, layer, side in members] for members in self.groups]
         if self._checked is not None and all(
                 new is old for now, then in zip(current, self._checked, strict=True)
                 for new, old in zip(now, then, strict=True)):

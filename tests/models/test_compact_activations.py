@@ -166,6 +166,29 @@ def test_state_dict_is_unchanged():
     assert_close(compact.eval()(x), fresh.eval()(x), "output after a state-dict round trip")
 
 
+def test_groups_and_physical_compaction_of_a_compact_model():
+    x = residual_cnn_input()
+    full, compact, groups = pruned_pair(ResidualCNN, (x,))
+    found = channel_groups(compact, (x,))
+    assert [(g.producers, g.consumers, g.norms) for g in found] == [(g.producers, g.consumers, g.norms)
+                                                                    for g in groups]
+    small = spa_kernels.compact(compact.eval(), (x,))
+    assert not any(isinstance(module, CompactNorm) for module in small.modules())
+    assert_close(small.eval()(x), full.eval()(x), "physically compacted output")
+    assert isinstance(compact.stem_bn, CompactNorm)  # the model itself is left as it was
+
+
+def test_a_group_with_every_channel_pruned():
+    x = residual_cnn_input()
+    full, compact, groups = pruned_pair(ResidualCNN, (x,))
+    inner = next(g for g in groups if g.producers == ["block.conv1"])
+    for model in (full, compact):
+        inner.apply(model, torch.zeros(inner.size, dtype=torch.bool))
+    assert channel_counts(compact, x)["block.bn1"] == 0
+    for mode in ("train", "eval"):
+        assert_same_run(full.train(mode == "train"), compact.train(mode == "train"), x)
+
+
 def test_a_second_call_starts_over():
     x = residual_cnn_input()
     full, compact, groups = pruned_pair(ResidualCNN, (x,))
