@@ -391,6 +391,36 @@ def test_torch_encoder_compacts_its_feed_forward_only():
         assert_same_run(full.train(mode == "train"), compact.train(mode == "train"), tokens)
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_autocast_bfloat16(mode):
+    for build, x in ((ResidualCNN, residual_cnn_input()), (ConcatAndFlatten, torch.randn(2, 3, 4, 4))):
+        full, compact, _ = pruned_pair(build, (x,))
+        full.train(mode == "train")
+        compact.train(mode == "train")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = full(x), compact(x)
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2), build.__name__
+
+
+def test_norm_hooks_of_a_copy_follow_its_own_masks():
+    # A copy's mask buffers restart their version counters: a cache keyed on versions alone
+    # would keep the original's mask after the copy's masks change once.
+    x = residual_cnn_input()
+    model = spa_kernels.convert(ResidualCNN(), rank=2).eval()
+    randomise(model)
+    groups = channel_groups(model, (x,))
+    prune_randomly(model, groups, 0.5, seed=2)
+    prune_randomly(model, groups, 0.5, seed=3)  # mask versions 2; a deep copy's start at 1
+    model(x)  # the hooks cache their masks
+    twin = copy.deepcopy(model)
+    prune_randomly(model, groups, 0.5, seed=4)
+    for name, layer in model.named_modules():  # as load_task sets masks: layer by layer, hooks untouched
+        if isinstance(layer, ChannelMasked):
+            twin.get_submodule(name).set_masks(layer.in_mask, layer.out_mask)
+    assert_close(twin(x), model(x), "output of the copy")
+
+
 # --------------------------------------------------------------------------------------------------
 # torch.compile.
 
