@@ -28,7 +28,11 @@ compacted when every layer on its channels can take a compact tensor:
 Inside a compacted group nothing reaches a module that expects full width: a group is
 prunable only if its channels reach no model output and no layer other than SPA
 layers and norms, so the boundaries of a compacted group are its producers' inputs
-and its consumers' outputs, where the SPA layers themselves switch width.
+and its consumers' outputs, where the SPA layers themselves switch width.  That holds
+for calls like the traced one: a tensor a later call returns that the traced call did
+not (Hugging Face ``output_hidden_states=True``, say) or that a forward hook reads is
+compact if it lies inside a compacted group; ask for it in ``example_inputs`` (its
+group is then not prunable) or call :func:`expand_activations` first.
 
 **Norms.**  A norm of a compacted group gets a subclass of its own class
 (:class:`CompactBatchNorm2d` and so on), so state-dict keys, ``isinstance`` checks and
