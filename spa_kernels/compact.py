@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .compact_activations import expand_activations
 from .freeze import inside_any
 from .nn import ChannelMasked, PrunedHeadsAttention, SPLoRAMultiheadAttention
 from .pruning import remove_norm_masks
@@ -44,6 +45,7 @@ def _plain_module(layer: nn.Module) -> nn.Module:
 def _merged(model: nn.Module, names: list[str]) -> nn.Module:
     """A deep copy of ``model`` with every named SPA module replaced by its merged plain module."""
     plain = copy.deepcopy(model)
+    expand_activations(plain)  # plain torch norms, not norms that follow an SPA layer's index list
     remove_norm_masks(plain)
     for name in names:
         layer = plain.get_submodule(name)

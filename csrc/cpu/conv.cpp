@@ -10,6 +10,11 @@
 // centre taps.  The input gradient is the same GEMM over input positions with
 // strided taps (PatchGeometry::div); the parameter gradients are GEMMs summed
 // over output positions.  Only active channels are gathered or multiplied.
+//
+// Compact activations: with compact_input x (and dx) holds the |S| active
+// channels only, read and written without an index while W, A and P keep S;
+// with compact_output y (and dy) holds the |O| active channels, written
+// densely (no cleared planes).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -34,6 +39,11 @@ struct ConvShapes {
   int64_t stride[3] = {1, 1, 1}, pad[3] = {0, 0, 0}, dil[3] = {1, 1, 1};
   int64_t taps = 1, centre = 0;
   IndexList S, O;
+  // Channels of the activations: x_channels planes in x (and dx), the active
+  // ones at x_list; likewise y (and dy).  S and O at full width, identity
+  // lists over |S| and |O| when compact.
+  int64_t x_channels = 0, y_channels = 0;
+  IndexList x_list, y_list;
 
   int64_t in_plane() const { return in[0] * in[1] * in[2]; }
   int64_t out_plane() const { return out[0] * out[1] * out[2]; }
@@ -55,7 +65,8 @@ bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->de
 ConvShapes check_conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& lora_a,
                       const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& adapter,
                       const std::optional<at::Tensor>& in_idx, const std::optional<at::Tensor>& out_idx,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                      bool compact_input, bool compact_output) {
   const int64_t d = x.dim() - 2;
   TORCH_CHECK_VALUE(d >= 1 && d <= 3, "x must be 3-, 4- or 5-D, got ", x.dim(), "-D");
   check_tensor(x, "x", x, d + 2);
@@ -63,8 +74,7 @@ ConvShapes check_conv(const at::Tensor& x, const at::Tensor& weight, const std::
   TORCH_CHECK_VALUE(static_cast<int64_t>(stride.size()) == d && static_cast<int64_t>(padding.size()) == d &&
                         static_cast<int64_t>(dilation.size()) == d,
                     "stride, padding and dilation must have ", d, " entries");
-  ConvShapes s{x.size(0), x.size(1), weight.size(0), 0};
-  TORCH_CHECK_VALUE(weight.size(1) == s.C_in, "weight must have ", s.C_in, " input channels (groups = 1)");
+  ConvShapes s{x.size(0), weight.size(1), weight.size(0), 0};
   for (int64_t i = 0; i < d; ++i) {
     const int64_t j = 3 - d + i;
     s.in[j] = x.size(2 + i);
@@ -93,6 +103,13 @@ ConvShapes check_conv(const at::Tensor& x, const at::Tensor& weight, const std::
   }
   s.S = index_list(in_idx, s.C_in, "in_idx");
   s.O = index_list(out_idx, s.C_out, "out_idx");
+  s.x_channels = compact_input ? s.S.count : s.C_in;
+  s.x_list = compact_input ? IndexList{nullptr, s.S.count} : s.S;
+  s.y_channels = compact_output ? s.O.count : s.C_out;
+  s.y_list = compact_output ? IndexList{nullptr, s.O.count} : s.O;
+  TORCH_CHECK_VALUE(x.size(1) == s.x_channels, "x must have ", s.x_channels, " channels",
+                    compact_input ? " (compact_input: one per active input)" : " (groups = 1)", ", got ",
+                    x.size(1));
   return s;
 }
 
@@ -133,7 +150,7 @@ PatchOperand<S> patch_operand(const S* data, const ConvShapes& s, const PatchTap
   PatchOperand<S> op;
   op.data = data;
   op.g.batch = s.N;
-  op.g.channels = over_input ? s.C_out : s.C_in;
+  op.g.channels = over_input ? s.y_channels : s.x_channels;
   for (int d = 0; d < 3; ++d) {
     op.g.grid[d] = over_input ? s.in[d] : s.out[d];
     op.g.src[d] = over_input ? s.out[d] : s.in[d];
@@ -148,7 +165,7 @@ PatchTaps input_taps(const ConvShapes& s, const std::vector<int64_t>& index, con
   PatchTaps taps;
   for (size_t i = 0; i < index.size(); ++i) {
     const int64_t off[3] = {s.tap_offset(tap[i], 0), s.tap_offset(tap[i], 1), s.tap_offset(tap[i], 2)};
-    taps.add(at_list(s.S, index[i]), off);
+    taps.add(at_list(s.x_list, index[i]), off);
   }
   return taps;
 }
@@ -157,13 +174,14 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
                         const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& adapter,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_idx,
                         const std::optional<at::Tensor>& out_idx, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation, double scale) {
-  const ConvShapes s = check_conv(x, weight, lora_a, lora_b, adapter, in_idx, out_idx, stride, padding, dilation);
+                        at::IntArrayRef dilation, double scale, bool compact_input, bool compact_output) {
+  const ConvShapes s = check_conv(x, weight, lora_a, lora_b, adapter, in_idx, out_idx, stride, padding, dilation,
+                                  compact_input, compact_output);
   if (present(bias)) {
     check_tensor(*bias, "bias", x, 1);
     TORCH_CHECK_VALUE(bias->size(0) == s.C_out, "bias must have ", s.C_out, " entries");
   }
-  std::vector<int64_t> out_shape{s.N, s.C_out};
+  std::vector<int64_t> out_shape{s.N, s.y_channels};
   for (int64_t i = 0; i < x.dim() - 2; ++i) out_shape.push_back(s.out[3 - (x.dim() - 2) + i]);
   at::Tensor y = at::empty(out_shape, x.options());
   if (s.N == 0) return y;
@@ -185,7 +203,8 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     }
     std::vector<std::array<int64_t, 3>> kk_offset;
     for (const int64_t t : kk_tap) kk_offset.push_back({s.tap_offset(t, 0), s.tap_offset(t, 1), s.tap_offset(t, 2)});
-    const PaddedPatches<T> a(x.data_ptr<S>(), geometry, s.C_in, s.S.ptr, s.S.count, kk_index, kk_offset, threads);
+    const PaddedPatches<T> a(x.data_ptr<S>(), geometry, s.x_channels, s.x_list.ptr, s.S.count, kk_index, kk_offset,
+                             threads);
     TapWeights<S> b;
     b.w = weight.data_ptr<S>();
     b.in_channels = s.C_in;
@@ -210,8 +229,9 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
       for (int64_t o = 0; o < s.O.count; ++o) bias_active.push_back(static_cast<T>(bias->data_ptr<S>()[at_list(s.O, o)]));
     }
     S* yp = y.data_ptr<S>();
-    clear_inactive_planes(yp, s.N, s.C_out, s.out_plane(), s.O);
-    const PlaneWriter<S, T> writer{yp, s.C_out, s.out_plane(), s.O.ptr, bias_active.empty() ? nullptr : bias_active.data()};
+    clear_inactive_planes(yp, s.N, s.y_channels, s.out_plane(), s.y_list);
+    const PlaneWriter<S, T> writer{yp, s.y_channels, s.out_plane(), s.y_list.ptr,
+                                   bias_active.empty() ? nullptr : bias_active.data()};
     masked_gemm<T>(kernels_for<T>(), s.N * s.out_plane(), s.O.count, a, b, writer, threads,
                    s.rank > 0 ? &low_rank : nullptr);
   });
@@ -223,10 +243,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
     const std::optional<at::Tensor>& adapter, const std::optional<at::Tensor>& in_idx,
     const std::optional<at::Tensor>& out_idx, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, double scale, std::array<bool, 6> output_mask) {
-  const ConvShapes s = check_conv(x, weight, lora_a, lora_b, adapter, in_idx, out_idx, stride, padding, dilation);
-  TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(0) == s.N && grad_out.size(1) == s.C_out &&
-                        grad_out.numel() == s.N * s.C_out * s.out_plane() && grad_out.is_contiguous() &&
+    at::IntArrayRef dilation, double scale, std::array<bool, 6> output_mask, bool compact_input,
+    bool compact_output) {
+  const ConvShapes s = check_conv(x, weight, lora_a, lora_b, adapter, in_idx, out_idx, stride, padding, dilation,
+                                  compact_input, compact_output);
+  TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.size(0) == s.N && grad_out.size(1) == s.y_channels &&
+                        grad_out.numel() == s.N * s.y_channels * s.out_plane() && grad_out.is_contiguous() &&
                         grad_out.scalar_type() == x.scalar_type(),
                     "grad_out must be a contiguous tensor shaped like the output");
   const auto [need_x, need_w, need_a_asked, need_b_asked, need_p_asked, need_bias] = output_mask;
@@ -245,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const ActivePositions inputs = active_positions(s.S, s.C_in);
     std::vector<T> scratch;
     // dy as rows of active output channels over all output positions.
-    const ChannelRows<S> dy_rows{dy, s.C_out, s.out_plane(), s.O.ptr, M};
+    const ChannelRows<S> dy_rows{dy, s.y_channels, s.out_plane(), s.y_list.ptr, M};
     // x at the centre tap of every output position, one depth entry per active input channel.
     std::vector<int64_t> centre_index, centre_tap;
     for (int64_t c = 0; c < s.S.count; ++c) centre_index.push_back(c), centre_tap.push_back(s.centre);
@@ -257,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (need_x) {
       grad_x = at::empty(x.sizes(), x.options());
       S* gx = grad_x.data_ptr<S>();
-      clear_inactive_planes(gx, s.N, s.C_in, s.in_plane(), s.S);
+      clear_inactive_planes(gx, s.N, s.x_channels, s.in_plane(), s.x_list);
       if (s.S.count > 0) {
         // Rows: input positions; depth: (active output channel, tap), centre first.
         std::vector<int64_t> kk_index, kk_tap;
@@ -282,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           low_rank.inner_depth = s.O.count;
           low_rank.scale = T(scale);
         }
-        const PlaneWriter<S, T> writer{gx, s.C_in, s.in_plane(), s.S.ptr, nullptr};
+        const PlaneWriter<S, T> writer{gx, s.x_channels, s.in_plane(), s.x_list.ptr, nullptr};
         auto run = [&](const auto& a) {
           masked_gemm<T>(kernels, s.N * s.in_plane(), s.S.count, a, b, writer, threads,
                          s.rank > 0 ? &low_rank : nullptr);
@@ -300,12 +322,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int d = 0; d < 3; ++d) geometry.grid[d] = s.in[d], geometry.src[d] = s.out[d];
           std::vector<std::array<int64_t, 3>> kk_offset;
           for (const int64_t t : kk_tap) kk_offset.push_back(mirrored(t));
-          run(PaddedPatches<T>(dy, geometry, s.C_out, s.O.ptr, s.O.count, kk_index, kk_offset, threads));
+          run(PaddedPatches<T>(dy, geometry, s.y_channels, s.y_list.ptr, s.O.count, kk_index, kk_offset, threads));
         } else {
           PatchTaps taps;
           for (size_t i = 0; i < kk_index.size(); ++i) {
             const auto off = mirrored(kk_tap[i]);
-            taps.add(at_list(s.O, kk_index[i]), {off[0], off[1], off[2]});
+            taps.add(at_list(s.y_list, kk_index[i]), {off[0], off[1], off[2]});
           }
           run(patch_operand(dy, s, taps, PatchGrid::input));
         }
@@ -319,11 +341,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         // u = s * dy_O B_O over output positions, then dA_S = u^T x_centre,S.
         AlignedBuffer<T> u(M * s.rank + kSlack);
         PatchTaps identity;
-        for (int64_t o = 0; o < s.O.count; ++o) identity.add(at_list(s.O, o), {0, 0, 0});
+        for (int64_t o = 0; o < s.O.count; ++o) identity.add(at_list(s.y_list, o), {0, 0, 0});
         PatchOperand<S> dy_positions;
         dy_positions.data = dy;
         dy_positions.g.batch = s.N;
-        dy_positions.g.channels = s.C_out;
+        dy_positions.g.channels = s.y_channels;
         for (int d = 0; d < 3; ++d) dy_positions.g.grid[d] = dy_positions.g.src[d] = s.out[d];
         dy_positions.taps = &identity;
         dy_positions.depth = s.O.count;
@@ -403,11 +425,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_FRAGMENT(spa_kernels_cpu, m) {
   m.def(
       "conv_forward(Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? adapter, Tensor? bias, "
-      "Tensor? in_idx, Tensor? out_idx, int[] stride, int[] padding, int[] dilation, float scale) -> Tensor");
+      "Tensor? in_idx, Tensor? out_idx, int[] stride, int[] padding, int[] dilation, float scale, "
+      "bool compact_input=False, bool compact_output=False) -> Tensor");
   m.def(
       "conv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? adapter, "
       "Tensor? in_idx, Tensor? out_idx, int[] stride, int[] padding, int[] dilation, float scale, "
-      "bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool[6] output_mask, bool compact_input=False, bool compact_output=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(spa_kernels_cpu, CPU, m) {

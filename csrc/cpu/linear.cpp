@@ -12,6 +12,10 @@
 // multiplies less; the backward keeps the columns where dA needs u.  Nothing
 // of size out x in is ever built.  Inactive outputs are written as zeros by
 // the same pass that writes the active ones (ScatterRows).
+//
+// Compact activations: with compact_input x (and dx) is M x |S|, read and
+// written densely while W and A keep their index lists; with compact_output y
+// (and dy) is M x |O|, written densely instead of scattered.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -35,19 +39,26 @@ void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& like)
                    " but x has ", like.scalar_type());
 }
 
-// Validated view of the arguments shared by forward and backward.
+// Validated view of the arguments shared by forward and backward.  S and O
+// index the parameters; x_cols and y_cols are the columns of the activations
+// (x, dx and y, dy) that hold them: S and O at full width, identity lists
+// (ptr null) over x_width = |S| and y_width = |O| when compact.
 struct LinearShapes {
   int64_t M, in, out, rank;
   IndexList S, O;
+  IndexList x_cols, y_cols;
+  int64_t x_width = 0, y_width = 0;
 };
+
+IndexList dense(int64_t count) { return {nullptr, count}; }
 
 LinearShapes check_linear(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
-                          const std::optional<at::Tensor>& in_idx, const std::optional<at::Tensor>& out_idx) {
+                          const std::optional<at::Tensor>& in_idx, const std::optional<at::Tensor>& out_idx,
+                          bool compact_input, bool compact_output) {
   check_matrix(x, "x", x);
   check_matrix(weight, "weight", x);
-  LinearShapes s{x.size(0), x.size(1), weight.size(0), 0, {}, {}};
-  TORCH_CHECK_VALUE(weight.size(1) == s.in, "weight must have ", s.in, " columns, got ", weight.size(1));
+  LinearShapes s{x.size(0), weight.size(1), weight.size(0), 0, {}, {}};
   const bool has_a = lora_a.has_value() && lora_a->defined();
   const bool has_b = lora_b.has_value() && lora_b->defined();
   TORCH_CHECK_VALUE(has_a == has_b, "lora_a and lora_b must be given together");
@@ -60,6 +71,12 @@ LinearShapes check_linear(const at::Tensor& x, const at::Tensor& weight,
   }
   s.S = index_list(in_idx, s.in, "in_idx");
   s.O = index_list(out_idx, s.out, "out_idx");
+  s.x_cols = compact_input ? dense(s.S.count) : s.S;
+  s.x_width = compact_input ? s.S.count : s.in;
+  s.y_cols = compact_output ? dense(s.O.count) : s.O;
+  s.y_width = compact_output ? s.O.count : s.out;
+  TORCH_CHECK_VALUE(x.size(1) == s.x_width, "x must have ", s.x_width, " columns",
+                    compact_input ? " (compact_input: one per active input)" : "", ", got ", x.size(1));
   return s;
 }
 
@@ -88,15 +105,16 @@ void rank_product(const Operand<S>& activations, const GatherMatrix<S>& factor, 
 at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_idx,
-                                 const std::optional<at::Tensor>& out_idx, double scale) {
-  const LinearShapes s = check_linear(x, weight, lora_a, lora_b, in_idx, out_idx);
+                                 const std::optional<at::Tensor>& out_idx, double scale, bool compact_input,
+                                 bool compact_output) {
+  const LinearShapes s = check_linear(x, weight, lora_a, lora_b, in_idx, out_idx, compact_input, compact_output);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.out && bias->is_contiguous(),
                       "bias must be contiguous with shape (", s.out, ",)");
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have the dtype of x");
   }
-  at::Tensor y = at::empty({s.M, s.out}, x.options());
+  at::Tensor y = at::empty({s.M, s.y_width}, x.options());
   if (s.M == 0) return y;
   if (s.O.count == 0) return y.zero_();
   const int threads = gemm_threads();
@@ -104,7 +122,7 @@ at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "splora_linear_forward", [&] {
     using S = scalar_t;
     using T = acc_t<S>;
-    const Operand<S> a = rows_of(x.data_ptr<S>(), s.in, s.S);
+    const Operand<S> a = rows_of(x.data_ptr<S>(), s.x_width, s.x_cols);
     const Operand<S> b{{weight.data_ptr<S>(), s.in, s.O.ptr, s.S.ptr, false}, s.S.count};  // (o, k) = W[O[o], S[k]]
     LowRankTerm<S, T> adapter;
     if (s.rank > 0) {
@@ -119,9 +137,9 @@ at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
       bias_active.resize(s.O.count);
       for (int64_t o = 0; o < s.O.count; ++o) bias_active[o] = static_cast<T>(bp[s.O.ptr ? s.O.ptr[o] : o]);
     }
-    const ActivePositions outputs = active_positions(s.O, s.out);
+    const ActivePositions outputs = active_positions(s.y_cols, s.y_width);
     std::vector<T> scratch;
-    auto writer = scatter_into(y.data_ptr<S>(), s.out, outputs, s.M, scratch, threads);
+    auto writer = scatter_into(y.data_ptr<S>(), s.y_width, outputs, s.M, scratch, threads);
     writer.bias = has_bias ? bias_active.data() : nullptr;
     masked_gemm<T>(kernels_for<T>(), s.M, s.O.count, a, b, writer, threads, s.rank > 0 ? &adapter : nullptr);
   });
@@ -132,11 +150,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
     const std::optional<at::Tensor>& in_idx, const std::optional<at::Tensor>& out_idx, double scale,
-    std::array<bool, 5> output_mask) {
-  const LinearShapes s = check_linear(x, weight, lora_a, lora_b, in_idx, out_idx);
+    std::array<bool, 5> output_mask, bool compact_input, bool compact_output) {
+  const LinearShapes s = check_linear(x, weight, lora_a, lora_b, in_idx, out_idx, compact_input, compact_output);
   check_matrix(grad_out, "grad_out", x);
-  TORCH_CHECK_VALUE(grad_out.size(0) == s.M && grad_out.size(1) == s.out, "grad_out must be (", s.M, ", ",
-                    s.out, ")");
+  TORCH_CHECK_VALUE(grad_out.size(0) == s.M && grad_out.size(1) == s.y_width, "grad_out must be (", s.M, ", ",
+                    s.y_width, ")");
   const auto [need_x, need_w, need_a_asked, need_b_asked, need_bias] = output_mask;
   const bool need_a = need_a_asked && s.rank > 0, need_b = need_b_asked && s.rank > 0;
   const int threads = gemm_threads();
@@ -150,9 +168,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
     const S* wp = weight.data_ptr<S>();
     const ActivePositions inputs = active_positions(s.S, s.in);
     std::vector<T> scratch;
-    const Operand<S> dy_active = rows_of(dy, s.out, s.O);  // (m, o) = dy[m, O[o]]
-    const Operand<S> dy_columns = columns_of(dy, s.out, s.O, s.M);  // (o, m) = dy[m, O[o]]
-    const Operand<S> x_columns = columns_of(xp, s.in, s.S, s.M);  // (k, m) = x[m, S[k]]
+    const Operand<S> dy_active = rows_of(dy, s.y_width, s.y_cols);  // (m, o) = dy[m, O[o]]
+    const Operand<S> dy_columns = columns_of(dy, s.y_width, s.y_cols, s.M);  // (o, m) = dy[m, O[o]]
+    const Operand<S> x_columns = columns_of(xp, s.x_width, s.x_cols, s.M);  // (k, m) = x[m, S[k]]
     const GatherMatrix<S> b_active{s.rank > 0 ? lora_b->data_ptr<S>() : nullptr, s.rank, s.O.ptr, nullptr,
                                    true};  // (j, o) = B[O[o], j]
 
@@ -170,13 +188,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
     AlignedBuffer<T> t(dx_sums ? s.M * rank_b + kSlack : 1);
     if (dx_sums && need_b) {
       const GatherMatrix<S> a_active{lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false};  // (j, k) = A[j, S[k]]
-      rank_product<S>(rows_of(xp, s.in, s.S), a_active, s.M, s.rank, T(1), t.get(), threads);
+      rank_product<S>(rows_of(xp, s.x_width, s.x_cols), a_active, s.M, s.rank, T(1), t.get(), threads);
     }
     PackedColumnSums<T> dy_sums(kernels_for<T>(), t.get(), dx_sums ? rank_b : 0, dx_sums ? s.O.count : 0,
                                 dx_sums ? threads : 0);
     const PackedBlockHook<T> sum_dy_blocks = std::ref(dy_sums);
     if (need_x) {
-      grad_x = at::empty({s.M, s.in}, x.options());
+      grad_x = at::empty({s.M, s.x_width}, x.options());
       if (s.S.count == 0) {
         grad_x.zero_();
       } else {
@@ -189,7 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
           adapter.scale = T(scale);
           adapter.save = need_a ? u.get() : nullptr;
         }
-        auto writer = scatter_into(grad_x.data_ptr<S>(), s.in, inputs, s.M, scratch, threads);
+        const ActivePositions x_positions = active_positions(s.x_cols, s.x_width);
+        auto writer = scatter_into(grad_x.data_ptr<S>(), s.x_width, x_positions, s.M, scratch, threads);
         masked_gemm<T>(kernels_for<T>(), s.M, s.S.count, dy_active, b, writer, threads,
                        s.rank > 0 ? &adapter : nullptr, dx_sums ? &sum_dy_blocks : nullptr);
       }
@@ -220,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
       AlignedBuffer<T> t_ones(s.M * q + kSlack);
       if (need_b) {
         const GatherMatrix<S> a_active{lora_a->data_ptr<S>(), s.in, nullptr, s.S.ptr, false};  // (j, k) = A[j, S[k]]
-        rank_product<S>(rows_of(xp, s.in, s.S), a_active, s.M, s.rank, T(1), t_ones.get(), threads, q);
+        rank_product<S>(rows_of(xp, s.x_width, s.x_cols), a_active, s.M, s.rank, T(1), t_ones.get(), threads, q);
       }
       if (need_bias) {
         for (int64_t m = 0; m < s.M; ++m) t_ones.get()[m * q + rank_b] = T(1);
@@ -269,10 +288,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
 TORCH_LIBRARY(spa_kernels_cpu, m) {
   m.def(
       "splora_linear_forward(Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? bias, "
-      "Tensor? in_idx, Tensor? out_idx, float scale) -> Tensor");
+      "Tensor? in_idx, Tensor? out_idx, float scale, bool compact_input=False, bool compact_output=False) "
+      "-> Tensor");
   m.def(
       "splora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, "
-      "Tensor? in_idx, Tensor? out_idx, float scale, bool[5] output_mask) "
+      "Tensor? in_idx, Tensor? out_idx, float scale, bool[5] output_mask, bool compact_input=False, "
+      "bool compact_output=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

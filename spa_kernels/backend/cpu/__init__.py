@@ -16,7 +16,7 @@ from .linear import splora_linear_backward, splora_linear_forward
 from .splopa import splopa_linear_backward, splopa_linear_forward
 
 name = "cpu"
-CAPABILITIES = Capabilities(devices=("cpu",), dtypes=SUPPORTED_DTYPES)
+CAPABILITIES = Capabilities(devices=("cpu",), dtypes=SUPPORTED_DTYPES, compact_activations=True)
 
 BUILT = _extension.BUILT
 BUILD_ERROR = _extension.BUILD_ERROR

@@ -1,4 +1,7 @@
-"""SPLoRA linear on the compiled extension (``torch.ops.spa_kernels_cpu.splora_linear_*``)."""
+"""SPLoRA linear on the compiled extension (``torch.ops.spa_kernels_cpu.splora_linear_*``).
+
+Compact activations are native: the flags go straight to the C++ ops.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,18 @@ import torch
 from torch import Tensor
 
 
-def splora_linear_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale) -> Tensor:
-    return torch.ops.spa_kernels_cpu.splora_linear_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale)
+def splora_linear_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, *, compact_input=False,
+                          compact_output=False) -> Tensor:
+    return torch.ops.spa_kernels_cpu.splora_linear_forward(
+        x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, compact_input, compact_output
+    )
 
 
-def splora_linear_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, output_mask):
+def splora_linear_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, output_mask, *,
+                           compact_input=False, compact_output=False):
     return tuple(
         torch.ops.spa_kernels_cpu.splora_linear_backward(
-            grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, list(output_mask)
+            grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, list(output_mask), compact_input,
+            compact_output,
         )
     )
