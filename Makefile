@@ -75,7 +75,7 @@ test-wheel: $(STAMP)
 
 # The cpu backend's tests under AddressSanitizer and UndefinedBehaviorSanitizer,
 # on a build of its own in build-sanitize/ (the in-place build is not touched).
-SANITIZE_TESTS := tests/backends/test_linear_backends.py tests/backends/test_conv_backends.py tests/functional/test_validation.py
+SANITIZE_TESTS := tests/backends/test_linear_backends.py tests/backends/test_conv_backends.py tests/backends/test_compact_backends.py tests/functional/test_validation.py
 sanitize: $(STAMP)
 	tools/sanitize.sh $(PY) -q $(addprefix $(CURDIR)/,$(SANITIZE_TESTS)) -k "not triton"
 

@@ -4,7 +4,8 @@ Each op family has one file beside this one (``linear.py``, ``conv.py``) with
 its schemas, fake kernels and autograd; this file holds the ``Library`` they
 register on and the helpers they share: contiguity, the placeholders for
 gradients not asked for, the fake kernel and zero-batch gradients of a backward
-op.
+op, and the calls that hand compact activations to a backend (widened with
+zeros, and narrowed back, for backends that only take full-width ones).
 
 Registering goes through torch.library's public API.
 

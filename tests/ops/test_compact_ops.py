@@ -190,3 +190,24 @@ def test_conv_widening_matches_native(widening_backend, kind):
         results.append((y.detach(), x.grad, bias.grad, *(t.grad for t in adapters)))
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_compact_linear_compiles_without_graph_breaks(backend):
+    def run(x, weight, a, b, bias, in_idx, out_idx):
+        return F.splora_linear_trusted(x, weight, a, b, bias, in_idx, out_idx, 0.5, backend, True, True)
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (run, compiled):
+        x, weight, a, b, bias, in_idx, out_idx = _linear_args()
+        x.requires_grad_()
+        y = fn(x, weight, a, b, bias, in_idx, out_idx)
+        y.sum().backward()
+        results.append((y.detach(), x.grad, a.grad, b.grad, bias.grad))
+    assert results[0][0].shape == (4, 2)
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)
