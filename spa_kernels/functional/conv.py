@@ -54,7 +54,7 @@ def _splora_conv(d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, pa
         trusted=trusted,
     )
     name = _conv_backend(backend, x, groups, "splora_conv")
-    return ops.splora_conv(x, weight, lora_a, lora_b, bias, in_idx, out_idx, list(stride), list(padding),
+    return ops.call(ops.splora_conv, x, weight, lora_a, lora_b, bias, in_idx, out_idx, list(stride), list(padding),
                             list(dilation), groups, scale, name)
 
 
@@ -66,7 +66,7 @@ def _sppara_conv(d, x, weight, adapter, bias, in_idx, out_idx, stride, padding, 
         trusted=trusted,
     )
     name = _conv_backend(backend, x, groups, "sppara_conv")
-    return ops.sppara_conv(x, weight, adapter, bias, in_idx, out_idx, list(stride), list(padding),
+    return ops.call(ops.sppara_conv, x, weight, adapter, bias, in_idx, out_idx, list(stride), list(padding),
                             list(dilation), groups, name)
 
 

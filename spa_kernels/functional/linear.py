@@ -51,7 +51,7 @@ def splora_linear(
         x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale
     )
     impl = resolve(backend, x.device, x.dtype, "splora_linear")
-    return ops.splora_linear(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, impl.name)
+    return ops.call(ops.splora_linear, x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, impl.name)
 
 
 def splora_linear_trusted(
@@ -76,7 +76,7 @@ def splora_linear_trusted(
     if x.dtype != weight.dtype:
         raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}")
     impl = resolve(backend, x.device, x.dtype, "splora_linear")
-    return ops.splora_linear(x, weight, lora_a, lora_b, bias, in_idx, out_idx, float(scale), impl.name)
+    return ops.call(ops.splora_linear, x, weight, lora_a, lora_b, bias, in_idx, out_idx, float(scale), impl.name)
 
 
 __all__ = ["splora_linear", "splora_linear_trusted"]

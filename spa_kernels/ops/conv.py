@@ -33,6 +33,7 @@ from torch import Tensor
 from .._geometry import conv_output_shape
 from ..backend import check_groups, kernel
 from .library import (
+    call,
     contiguous,
     define_op,
     fake_gradients,
@@ -156,8 +157,9 @@ def _splora_backward(ctx, grad_out):
     x, weight, lora_a, lora_b, in_idx, out_idx = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2], need[3], need[4] and ctx.has_bias]
-    grads = splora_conv_backward(
-        grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, *ctx.geometry, ctx.scale, ctx.backend, output_mask
+    grads = call(
+        splora_conv_backward, grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, *ctx.geometry, ctx.scale,
+        ctx.backend, output_mask,
     )
     return (*wanted(grads, output_mask), None, None, None, None, None, None, None, None)
 
@@ -243,8 +245,9 @@ def _sppara_backward(ctx, grad_out):
     x, weight, adapter, in_idx, out_idx = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2], need[3] and ctx.has_bias]
-    grads = sppara_conv_backward(
-        grad_out, x, weight, adapter, in_idx, out_idx, *ctx.geometry, ctx.backend, output_mask
+    grads = call(
+        sppara_conv_backward, grad_out, x, weight, adapter, in_idx, out_idx, *ctx.geometry, ctx.backend,
+        output_mask,
     )
     return (*wanted(grads, output_mask), None, None, None, None, None, None, None)
 

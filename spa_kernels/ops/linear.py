@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..backend import kernel
 from .library import (
+    call,
     contiguous,
     define_op,
     fake_gradients,
@@ -111,8 +112,9 @@ def _linear_backward(ctx, grad_out):
     x, weight, lora_a, lora_b, in_idx, out_idx = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2], need[3], need[4] and ctx.has_bias]
-    grads = splora_linear_backward(
-        grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, ctx.scale, ctx.backend, output_mask
+    grads = call(
+        splora_linear_backward, grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, ctx.scale, ctx.backend,
+        output_mask,
     )
     return (*wanted(grads, output_mask), None, None, None, None)
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..backend import kernel
 from .library import (
+    call,
     contiguous,
     define_op,
     fake_gradients,
@@ -113,8 +114,9 @@ def _splopa_backward(ctx, grad_out):
     x, weight, prototype_rows, prototype_cols, pos_weights, block_mask = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2], need[3], need[4], need[5] and ctx.has_bias]
-    grads = splopa_linear_backward(
-        grad_out, x, weight, prototype_rows, prototype_cols, pos_weights, block_mask, ctx.scale, ctx.backend,
+    grads = call(
+        splopa_linear_backward, grad_out, x, weight, prototype_rows, prototype_cols, pos_weights, block_mask,
+        ctx.scale, ctx.backend,
         output_mask,
     )
     return (*wanted(grads, output_mask), None, None, None)
