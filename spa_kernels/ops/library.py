@@ -70,14 +70,19 @@ def register_autograd(op: torch._ops.OpOverload, backward: Callable, *, setup_co
     """The op's autograd formula (see ``torch.library.register_autograd``), for the dispatcher and :func:`call`."""
     torch.library.register_autograd(op, backward, setup_context=setup_context, lib=_LIBRARY)
     direct = _DIRECT[op]
+    implementation = direct.implementation
+
+    # The forward takes ctx and sets it up itself: with a separate setup_context,
+    # Function.apply binds the arguments through inspect.signature on every call.
+    def forward(ctx, *args):
+        output = implementation(*args)
+        setup_context(ctx, args, output)
+        return output
+
     direct.function = type(
         f"{op._opname}_direct",
         (torch.autograd.Function,),
-        {
-            "forward": staticmethod(direct.implementation),
-            "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward),
-        },
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
 
 
