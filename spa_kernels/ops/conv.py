@@ -68,7 +68,7 @@ SPPARA_CONV_BACKWARD_SCHEMA = (
 
 
 def _geometry(stride, padding, dilation) -> tuple[tuple[int, ...], ...]:
-    return tuple(int(v) for v in stride), tuple(int(v) for v in padding), tuple(int(v) for v in dilation)
+    return tuple(map(int, stride)), tuple(map(int, padding)), tuple(map(int, dilation))
 
 
 # --------------------------------------------------------------------------- SPLoRA
