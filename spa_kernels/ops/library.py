@@ -180,6 +180,11 @@ def contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def as_matrix(t: Tensor, columns) -> Tensor:
+    """``t`` as a contiguous ``(-1, columns)`` matrix; a 2-D ``t`` skips the reshape, which costs a view."""
+    return (t if t.dim() == 2 else t.reshape(-1, columns)).contiguous()
+
+
 def own_storage(y: Tensor, shape: tuple[int, ...]) -> Tensor:
     """``y`` (contiguous) reshaped to ``shape`` as a tensor of its own, not a view.
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..backend import kernel
 from .library import (
+    as_matrix,
     call,
     contiguous,
     define_op,
@@ -46,7 +47,7 @@ def splora_linear(
 ) -> Tensor:
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, in_features).contiguous()
+    x2d = as_matrix(x, in_features)
     if x2d.shape[0] == 0:
         return x.new_zeros(*lead, out_features)
     y = kernel(backend, "splora_linear_forward")(
@@ -77,8 +78,8 @@ def splora_linear_backward(
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     out_features, in_features = weight.shape
-    x2d = x.reshape(-1, in_features).contiguous()
-    grad2d = grad_out.reshape(-1, out_features).contiguous()
+    x2d = as_matrix(x, in_features)
+    grad2d = as_matrix(grad_out, out_features)
     mask = tuple(bool(m) for m in output_mask)
     if lora_a is None:
         mask = (mask[0], mask[1], False, False, mask[4])
