@@ -28,6 +28,7 @@ from .block import SUITE as BLOCK_SUITE
 from .conv import SUITE as CONV_SUITE
 from .linear import SUITE as LINEAR_SUITE
 from .network import SUITE as NETWORK_SUITE
+from .overhead import SUITE as OVERHEAD_SUITE
 from .report import device_name, print_reports, results_path, save, to_markdown
 from .shapes import CPU_THREADS, DTYPES, KEEP_RATIOS
 from .task_switch import SUITE as TASK_SUITE
@@ -36,7 +37,8 @@ from .transformer import SUITE as TRANSFORMER_SUITE
 from .transformer_fastpath import SUITE as FASTPATH_SUITE
 
 SUITES: dict[str, Suite] = {suite.name: suite for suite in (LINEAR_SUITE, CONV_SUITE, NETWORK_SUITE, TASK_SUITE,
-                                                             BLOCK_SUITE, TRANSFORMER_SUITE, FASTPATH_SUITE)}
+                                                             BLOCK_SUITE, TRANSFORMER_SUITE, FASTPATH_SUITE,
+                                                             OVERHEAD_SUITE)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

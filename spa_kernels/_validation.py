@@ -362,6 +362,44 @@ def _check_conv_indices(x: Tensor, weight: Tensor, groups: int, in_idx, out_idx,
     return in_idx, out_idx
 
 
+def _module_conv_call_is_valid(x, weight, bias, adapters, adapter_shapes, stride, padding, dilation,
+                               groups) -> bool:
+    """Whether a module's convolution call is certainly valid, judged on its common case alone.
+
+    That case: exact ``int`` tuples for the geometry, as modules pass them, ``groups=1``,
+    ``x`` of the weight's dimensionality, channels, dtype and device, operands of the
+    weight's dtype, device and expected shapes, odd kernels and an output at least one
+    wide.  Anything else, every error included, returns False and goes down the general
+    path, which words the error; so this adds no rule, it only decides sooner.
+    """
+    if groups != 1 or type(groups) is not int or not isinstance(x, Tensor) or torch.compiler.is_compiling():
+        return False
+    x_shape, w_shape = x.shape, weight.shape
+    d = len(w_shape) - 2
+    if len(x_shape) != d + 2 or x_shape[1] != w_shape[1] or w_shape[0] < 1 or w_shape[1] < 1:
+        return False
+    dtype, device = weight.dtype, weight.device
+    if x.dtype is not dtype or dtype not in SUPPORTED_DTYPES or x.device != device:
+        return False
+    operands, shapes = adapters, adapter_shapes
+    if bias is not None:
+        operands, shapes = (*adapters, bias), (*adapter_shapes, (w_shape[0],))
+    for operand, shape in zip(operands, shapes, strict=True):
+        if (not isinstance(operand, Tensor) or operand.dtype is not dtype or operand.device != device
+                or operand.shape != shape):
+            return False
+    for geometry in (stride, padding, dilation):
+        if type(geometry) is not tuple or len(geometry) != d:
+            return False
+        for value in geometry:
+            if type(value) is not int:
+                return False
+    for size, kernel, st, pad, dil in zip(x_shape[2:], w_shape[2:], stride, padding, dilation, strict=True):
+        if kernel % 2 == 0 or st < 1 or pad < 0 or dil < 1 or conv_output_size(size, kernel, st, pad, dil) < 1:
+            return False
+    return True
+
+
 def check_splora_conv_args(
     d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale,
     *, trusted: bool = False, compact_input: bool = False, compact_output: bool = False,
@@ -375,6 +413,14 @@ def check_splora_conv_args(
     With ``compact_input`` dimension 1 of ``x`` holds the active inputs only.
     """
     check_compact_flags(compact_input, compact_output)
+    if (trusted and not (compact_input or compact_output) and d is None and isinstance(weight, Tensor)
+            and weight.dim() >= 2 and isinstance(lora_a, Tensor) and lora_a.dim() == 2):
+        rank = lora_a.shape[0]
+        shapes = ((rank, weight.shape[1]), (weight.shape[0], rank))
+        if rank >= 1 and _module_conv_call_is_valid(x, weight, bias, (lora_a, lora_b), shapes, stride, padding,
+                                                    dilation, groups):
+            return (*_check_conv_indices(x, weight, groups, in_idx, out_idx, trusted, False), stride, padding,
+                    dilation, groups, float(scale))
     d, groups = _check_conv_tensors(d, x, weight, bias, groups, compact_input)
     out_channels, group_in = weight.shape[0], weight.shape[1]
     if (lora_a is None) != (lora_b is None):
@@ -403,6 +449,11 @@ def check_sppara_conv_args(
 ):
     """Validate an SPPaRA convolution call; like :func:`check_splora_conv_args` without scale."""
     check_compact_flags(compact_input, compact_output)
+    if trusted and not (compact_input or compact_output) and d is None and isinstance(weight, Tensor) and weight.dim() >= 2:
+        shapes = ((weight.shape[0], weight.shape[1]),)
+        if _module_conv_call_is_valid(x, weight, bias, (adapter,), shapes, stride, padding, dilation, groups):
+            return (*_check_conv_indices(x, weight, groups, in_idx, out_idx, trusted, False), stride, padding,
+                    dilation, groups)
     d, groups = _check_conv_tensors(d, x, weight, bias, groups, compact_input)
     check_tensor(adapter, "adapter", ndim=2)
     check_float_tensor(adapter, "adapter", x, "x")

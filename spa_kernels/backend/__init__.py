@@ -95,7 +95,46 @@ class Backend:
         return self.kernel(f"{op}_forward") is not None and self.kernel(f"{op}_backward") is not None
 
 
-_REGISTRY: dict[str, Backend] = {}
+# Choices of resolve() for the argument the backend policy settled on, device
+# type, dtype, op and groups; what they depend on besides (the registry, the
+# auto preference) is part of the key or clears them.  Only choices that no
+# run-time readiness test took part in are kept.
+_CHOICES: dict[tuple, Backend] = {}
+
+
+class _Registry(dict):
+    """The registered backends by name; any change forgets the choices of :func:`resolve`."""
+
+    def __setitem__(self, key, value) -> None:
+        _CHOICES.clear()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        _CHOICES.clear()
+        super().__delitem__(key)
+
+    def pop(self, *args):
+        _CHOICES.clear()
+        return super().pop(*args)
+
+    def clear(self) -> None:
+        _CHOICES.clear()
+        super().clear()
+
+    def update(self, *args, **kwargs) -> None:
+        _CHOICES.clear()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        _CHOICES.clear()
+        return super().setdefault(key, default)
+
+    def popitem(self):
+        _CHOICES.clear()
+        return super().popitem()
+
+
+_REGISTRY: dict[str, Backend] = _Registry()
 # Per-thread stack of use_backend() choices.  threading.local rather than a
 # ContextVar because torch.compile can trace (and guard on) its lookup.
 _LOCAL = threading.local()
@@ -209,18 +248,36 @@ def resolve(
 
     A backend runs an op when its capabilities cover the device, dtype and
     groups, it is ready on the device, and it implements ``<op>_forward`` and
-    ``<op>_backward``.
+    ``<op>_backward``.  The choice is remembered per requested name (after the
+    ``use_backend`` context and the environment), device type, dtype, op and
+    groups, unless a readiness test that can change at run time took part
+    (the Triton interpreter switch); registering or removing a backend forgets it.
     """
     name = requested(backend)
+    if torch.compiler.is_compiling():  # traced once per graph; no dictionary for Dynamo to guard on
+        return _choose(name, device.type, dtype, op, groups)
+    preference = AUTO_PREFERENCE.get(device.type, ("reference",))
+    key = (name, device.type, dtype, op, groups, preference)
+    impl = _CHOICES.get(key)
+    if impl is None:
+        impl = _choose(name, device.type, dtype, op, groups)
+        consulted = (name,) if name != "auto" else preference
+        if all(_REGISTRY.get(n) is None or _REGISTRY[n].ready is _always_ready for n in consulted):
+            _CHOICES[key] = impl
+    return impl
+
+
+def _choose(name: str, device_type: str, dtype: torch.dtype, op: str, groups: int) -> Backend:
+    """What :func:`resolve` returns for the requested ``name``, worked out afresh."""
     if name != "auto":
-        return check_runs(name, device.type, dtype, op, groups)
-    for candidate in AUTO_PREFERENCE.get(device.type, ("reference",)):
+        return check_runs(name, device_type, dtype, op, groups)
+    for candidate in AUTO_PREFERENCE.get(device_type, ("reference",)):
         impl = _REGISTRY.get(candidate)
-        if (impl is not None and impl.is_available(device.type, dtype) and impl.implements(op)
+        if (impl is not None and impl.is_available(device_type, dtype) and impl.implements(op)
                 and (groups == 1 or impl.capabilities.grouped_conv)):
             return impl
         if not torch.compiler.is_compiling():  # Dynamo cannot trace logging calls
-            logger.debug("auto backend: %s cannot run %s for %s/%s", candidate, op, device.type, dtype)
+            logger.debug("auto backend: %s cannot run %s for %s/%s", candidate, op, device_type, dtype)
     return _REGISTRY["reference"]
 
 

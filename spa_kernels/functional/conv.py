@@ -54,8 +54,8 @@ def _splora_conv(d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, pa
         trusted=trusted, compact_input=compact_input, compact_output=compact_output,
     )
     name = _conv_backend(backend, x, groups, "splora_conv")
-    return ops.splora_conv(x, weight, lora_a, lora_b, bias, in_idx, out_idx, list(stride), list(padding),
-                            list(dilation), groups, scale, name, compact_input, compact_output)
+    return ops.call(ops.splora_conv, x, weight, lora_a, lora_b, bias, in_idx, out_idx, list(stride), list(padding),
+                    list(dilation), groups, scale, name, compact_input, compact_output)
 
 
 def _sppara_conv(d, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend,
@@ -66,8 +66,8 @@ def _sppara_conv(d, x, weight, adapter, bias, in_idx, out_idx, stride, padding, 
         trusted=trusted, compact_input=compact_input, compact_output=compact_output,
     )
     name = _conv_backend(backend, x, groups, "sppara_conv")
-    return ops.sppara_conv(x, weight, adapter, bias, in_idx, out_idx, list(stride), list(padding),
-                            list(dilation), groups, name, compact_input, compact_output)
+    return ops.call(ops.sppara_conv, x, weight, adapter, bias, in_idx, out_idx, list(stride), list(padding),
+                    list(dilation), groups, name, compact_input, compact_output)
 
 
 # --------------------------------------------------------------------------- SPLoRA

@@ -60,8 +60,9 @@ def splora_linear(
         x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, compact_input, compact_output
     )
     impl = resolve(backend, x.device, x.dtype, "splora_linear")
-    return ops.splora_linear(
-        x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, impl.name, compact_input, compact_output
+    return ops.call(
+        ops.splora_linear, x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, impl.name, compact_input,
+        compact_output,
     )
 
 
@@ -93,8 +94,9 @@ def splora_linear_trusted(
     if x.dtype != weight.dtype:
         raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}")
     impl = resolve(backend, x.device, x.dtype, "splora_linear")
-    return ops.splora_linear(
-        x, weight, lora_a, lora_b, bias, in_idx, out_idx, float(scale), impl.name, compact_input, compact_output
+    return ops.call(
+        ops.splora_linear, x, weight, lora_a, lora_b, bias, in_idx, out_idx, float(scale), impl.name, compact_input,
+        compact_output,
     )
 
 

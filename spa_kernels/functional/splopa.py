@@ -50,7 +50,7 @@ def splopa_linear(
     """
     scale = check_splopa_linear_args(x, weight, prototype_rows, prototype_cols, pos_weights, bias, block_mask, scale)
     impl = resolve(backend, x.device, x.dtype, "splopa_linear")
-    return ops.splopa_linear(x, weight, prototype_rows, prototype_cols, pos_weights, bias, block_mask, scale,
+    return ops.call(ops.splopa_linear, x, weight, prototype_rows, prototype_cols, pos_weights, bias, block_mask, scale,
                              impl.name)
 
 
@@ -71,7 +71,7 @@ def splopa_linear_trusted(
     if x.dtype != weight.dtype:
         raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}")
     impl = resolve(backend, x.device, x.dtype, "splopa_linear")
-    return ops.splopa_linear(x, weight, prototype_rows, prototype_cols, pos_weights, bias, block_mask, float(scale),
+    return ops.call(ops.splopa_linear, x, weight, prototype_rows, prototype_cols, pos_weights, bias, block_mask, float(scale),
                              impl.name)
 
 

@@ -119,8 +119,9 @@ class SPLoRALinear(ChannelMasked, nn.Linear):
         nn.Linear.reset_parameters(self)
 
     def forward(self, input: Tensor) -> Tensor:
+        adapter = self.adapter
         return splora_linear_trusted(
-            input, self.weight, self.adapter.rows[0], self.adapter.cols[0], self.bias,
+            input, self.weight, adapter.rows[0], adapter.cols[0], self.bias,
             self.in_idx, self.out_idx, self.scale, self.backend, **self._compact_flags(),
         )
 

@@ -37,6 +37,7 @@ from torch import Tensor
 from .._geometry import conv_output_shape
 from ..backend import check_groups
 from .library import (
+    call,
     compact_flags,
     compact_width,
     contiguous,
@@ -76,7 +77,7 @@ SPPARA_CONV_BACKWARD_SCHEMA = (
 
 
 def _geometry(stride, padding, dilation) -> tuple[tuple[int, ...], ...]:
-    return tuple(int(v) for v in stride), tuple(int(v) for v in padding), tuple(int(v) for v in dilation)
+    return tuple(map(int, stride)), tuple(map(int, padding)), tuple(map(int, dilation))
 
 
 def _output_shape(x, weight, out_idx, stride, padding, dilation, compact_output) -> list:
@@ -183,9 +184,9 @@ def _splora_backward(ctx, grad_out):
     x, weight, lora_a, lora_b, in_idx, out_idx = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2], need[3], need[4] and ctx.has_bias]
-    grads = splora_conv_backward(
-        grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, *ctx.geometry, ctx.scale, ctx.backend, output_mask,
-        *ctx.compact,
+    grads = call(
+        splora_conv_backward, grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, *ctx.geometry, ctx.scale,
+        ctx.backend, output_mask, *ctx.compact,
     )
     return (*wanted(grads, output_mask), None, None, None, None, None, None, None, None, None, None)
 
@@ -278,8 +279,9 @@ def _sppara_backward(ctx, grad_out):
     x, weight, adapter, in_idx, out_idx = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2], need[3] and ctx.has_bias]
-    grads = sppara_conv_backward(
-        grad_out, x, weight, adapter, in_idx, out_idx, *ctx.geometry, ctx.backend, output_mask, *ctx.compact
+    grads = call(
+        sppara_conv_backward, grad_out, x, weight, adapter, in_idx, out_idx, *ctx.geometry, ctx.backend,
+        output_mask, *ctx.compact,
     )
     return (*wanted(grads, output_mask), None, None, None, None, None, None, None, None, None)
 

@@ -18,14 +18,26 @@ implementation, fake kernel and autograd with the public functions keeps what
 ``custom_op`` gives (a schema inferred from the annotations, the
 ``pt2_compliant`` tag, one implementation for every device, the fake kernel
 for tracing, the autograd formula) without the layers.
+
+Even so, a call through the dispatcher into a Python kernel and through the
+Python autograd kernel costs some 20 µs, more than a small layer computes.  So
+:func:`call` runs an op's implementation and autograd formula directly, as an
+``autograd.Function``, whenever nothing between the caller and the op could want
+to see it (see :func:`runs_directly`): in plain eager code.  Under
+torch.compile, a dispatch or function mode (fake tensors, tracing, FLOP
+counters), a tensor subclass, a functorch transform, the JIT tracer or the
+profiler the op goes through the dispatcher as before.  Either way the same
+implementation and the same formula run, so results are identical.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.overrides import has_torch_function
 
 from ..backend import get, kernel
 
@@ -45,7 +57,9 @@ def define_op(name: str, *, schema: str | None = None) -> Callable[[Callable], t
         op_schema = schema if schema is not None else torch.library.infer_schema(fn, mutates_args=())
         _LIBRARY.define(name + op_schema, tags=(torch.Tag.pt2_compliant_tag,))
         _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
-        return getattr(getattr(torch.ops, NAMESPACE), name).default
+        op = getattr(getattr(torch.ops, NAMESPACE), name).default
+        _DIRECT[op] = DirectCall(fn, _leading_tensor_count(op))
+        return op
 
     return register
 
@@ -56,8 +70,92 @@ def register_fake(op: torch._ops.OpOverload) -> Callable[[Callable], Callable]:
 
 
 def register_autograd(op: torch._ops.OpOverload, backward: Callable, *, setup_context: Callable) -> None:
-    """The op's autograd formula (see ``torch.library.register_autograd``)."""
+    """The op's autograd formula (see ``torch.library.register_autograd``), for the dispatcher and :func:`call`."""
     torch.library.register_autograd(op, backward, setup_context=setup_context, lib=_LIBRARY)
+    direct = _DIRECT[op]
+    implementation = direct.implementation
+
+    # The forward takes ctx and sets it up itself: with a separate setup_context,
+    # Function.apply binds the arguments through inspect.signature on every call.
+    def forward(ctx, *args):
+        output = implementation(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    direct.function = type(
+        f"{op._opname}_direct",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
+
+
+# --------------------------------------------------------------------------- direct calls
+
+
+@dataclass
+class DirectCall:
+    """What :func:`call` needs of an op: its implementation, how many tensors lead its arguments, its formula."""
+
+    implementation: Callable
+    tensor_count: int
+    function: type[torch.autograd.Function] | None = None  # None for ops without an autograd formula
+
+
+_DIRECT: dict[torch._ops.OpOverload, DirectCall] = {}
+
+
+def _leading_tensor_count(op: torch._ops.OpOverload) -> int:
+    """Arguments before the first non-tensor one: every op here takes its tensors first."""
+    count = 0
+    for argument in op._schema.arguments:
+        if str(argument.type) not in ("Tensor", "Optional[Tensor]"):
+            break
+        count += 1
+    return count
+
+
+def runs_directly(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether an op on ``tensors`` may skip the dispatcher: nothing would see the op as one.
+
+    Eager code only: not while torch.compile traces, not for tensor subclasses
+    or under a function mode (``has_torch_function``), a dispatch mode (fake
+    tensors, ``make_fx``, FLOP counters), a functorch transform (``vmap``,
+    ``grad``), the JIT tracer or the profiler, each of which records or
+    reinterprets the op itself.
+    """
+    return not (
+        torch.compiler.is_compiling()
+        or has_torch_function(tensors)
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch._C._get_tracing_state() is not None
+        or torch._C._autograd._profiler_enabled()
+    )
+
+
+def _any_requires_grad(tensors: Sequence[Tensor | None]) -> bool:
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def call(op: torch._ops.OpOverload, *args):
+    """``op(*args)``, running the implementation (and formula) directly where :func:`runs_directly`.
+
+    Without a gradient to record the implementation runs as is; with one it runs
+    as an ``autograd.Function`` holding the op's own formula (for a backward op,
+    the formula of :func:`refuse_derivative`, as through the dispatcher).
+    """
+    direct = _DIRECT[op]
+    tensors = args[:direct.tensor_count]
+    if not runs_directly(tensors):
+        return op(*args)
+    if torch.is_grad_enabled() and _any_requires_grad(tensors):
+        if direct.function is None:
+            return op(*args)
+        return direct.function.apply(*args)
+    return direct.implementation(*args)
 
 
 def refuse_derivative(op: torch._ops.OpOverload) -> None:
@@ -83,6 +181,15 @@ def refuse_derivative(op: torch._ops.OpOverload) -> None:
 def contiguous(t: Tensor | None) -> Tensor | None:
     """``t`` made contiguous (``None`` stays ``None``): backends never see strides."""
     return None if t is None else t.contiguous()
+
+
+def as_matrix(t: Tensor, columns) -> Tensor:
+    """``t`` as a contiguous ``(-1, columns)`` matrix; a 2-D ``t`` skips the reshape, which costs a view."""
+    if t.dim() == 2:
+        return t.contiguous()
+    if columns == 0:  # every channel pruned: reshape cannot infer the row count of an empty tensor
+        return t.reshape(t.shape[:-1].numel(), 0)
+    return t.reshape(-1, columns).contiguous()
 
 
 def own_storage(y: Tensor, shape: tuple[int, ...]) -> Tensor:

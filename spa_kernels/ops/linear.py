@@ -21,6 +21,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from .library import (
+    as_matrix,
+    call,
     compact_flags,
     compact_width,
     contiguous,
@@ -37,13 +39,6 @@ from .library import (
     with_placeholders,
     zero_gradients,
 )
-
-
-def _rows(t: Tensor, width: int) -> Tensor:
-    """``t`` (..., width) as a contiguous 2-D (rows, width) tensor; width may be 0 (every channel pruned)."""
-    if width == 0:
-        return t.reshape(t.shape[:-1].numel(), 0)
-    return t.reshape(-1, width).contiguous()
 
 # --------------------------------------------------------------------------- forward
 
@@ -65,7 +60,7 @@ def splora_linear(
     out_features, in_features = weight.shape
     y_width = compact_width(out_idx, out_features) if compact_output else out_features
     lead = x.shape[:-1]
-    x2d = _rows(x, x.shape[-1])
+    x2d = as_matrix(x, x.shape[-1])
     if x2d.shape[0] == 0:
         return x.new_zeros(*lead, y_width)
     operands = (weight.contiguous(), contiguous(lora_a), contiguous(lora_b), contiguous(bias), in_idx, out_idx, scale)
@@ -99,8 +94,8 @@ def splora_linear_backward(
     compact_output: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     out_features, in_features = weight.shape
-    x2d = _rows(x, x.shape[-1])
-    grad2d = _rows(grad_out, grad_out.shape[-1])
+    x2d = as_matrix(x, x.shape[-1])
+    grad2d = as_matrix(grad_out, grad_out.shape[-1])
     mask = tuple(bool(m) for m in output_mask)
     if lora_a is None:
         mask = (mask[0], mask[1], False, False, mask[4])
@@ -136,8 +131,9 @@ def _linear_backward(ctx, grad_out):
     x, weight, lora_a, lora_b, in_idx, out_idx = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2], need[3], need[4] and ctx.has_bias]
-    grads = splora_linear_backward(
-        grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, ctx.scale, ctx.backend, output_mask, *ctx.compact
+    grads = call(
+        splora_linear_backward, grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, ctx.scale, ctx.backend,
+        output_mask, *ctx.compact,
     )
     return (*wanted(grads, output_mask), None, None, None, None, None, None)
 

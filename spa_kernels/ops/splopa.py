@@ -15,6 +15,8 @@ from torch import Tensor
 
 from ..backend import kernel
 from .library import (
+    as_matrix,
+    call,
     contiguous,
     define_op,
     fake_gradients,
@@ -45,7 +47,7 @@ def splopa_linear(
 ) -> Tensor:
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, in_features).contiguous()
+    x2d = as_matrix(x, in_features)
     if x2d.shape[0] == 0:
         return x.new_zeros(*lead, out_features)
     y = kernel(backend, "splopa_linear_forward")(
@@ -77,8 +79,8 @@ def splopa_linear_backward(
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     out_features, in_features = weight.shape
-    x2d = x.reshape(-1, in_features).contiguous()
-    grad2d = grad_out.reshape(-1, out_features).contiguous()
+    x2d = as_matrix(x, in_features)
+    grad2d = as_matrix(grad_out, out_features)
     mask = tuple(bool(m) for m in output_mask)
     if x2d.shape[0] == 0:
         shapes = gradient_shapes(x2d, weight, prototype_rows, prototype_cols, pos_weights, out_channels=out_features)
@@ -113,8 +115,9 @@ def _splopa_backward(ctx, grad_out):
     x, weight, prototype_rows, prototype_cols, pos_weights, block_mask = ctx.saved_tensors
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2], need[3], need[4], need[5] and ctx.has_bias]
-    grads = splopa_linear_backward(
-        grad_out, x, weight, prototype_rows, prototype_cols, pos_weights, block_mask, ctx.scale, ctx.backend,
+    grads = call(
+        splopa_linear_backward, grad_out, x, weight, prototype_rows, prototype_cols, pos_weights, block_mask,
+        ctx.scale, ctx.backend,
         output_mask,
     )
     return (*wanted(grads, output_mask), None, None, None)
