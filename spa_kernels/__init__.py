@@ -17,6 +17,7 @@ from .backend import cuda as _cuda_backend  # noqa: F401  (registers itself wher
 from .backend import reference as _reference_backend  # noqa: F401  (registers itself)
 from .backend import triton as _triton_backend  # noqa: F401  (registers itself when Triton is usable)
 from .compact import compact
+from .compact_activations import compact_activations, expand_activations
 from .convert import convert
 from .convert_splopa import convert_splopa
 from .functional import (
@@ -35,8 +36,10 @@ __version__ = "0.1.0"
 __all__ = [
     "backends",
     "compact",
+    "compact_activations",
     "convert",
     "convert_splopa",
+    "expand_activations",
     "nn",
     "pruning",
     "show_config",

@@ -151,14 +151,36 @@ def check_rank(rank: object, out_features: int) -> int:
     return int(resolved)
 
 
-def check_splora_linear_args(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale):
-    """Validate the arguments of ``splora_linear``; return normalised index lists and scale."""
+def check_compact_flags(compact_input: object, compact_output: object) -> None:
+    for name, flag in (("compact_input", compact_input), ("compact_output", compact_output)):
+        if type(flag) is not bool:
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+
+
+def check_compact_width(x: Tensor, dim: int, in_idx: Tensor | None, in_channels: int) -> None:
+    """With ``compact_input``: ``x`` holds exactly the active inputs on ``dim``."""
+    expected = in_channels if in_idx is None else in_idx.shape[0]
+    if x.shape[dim] != expected:
+        active = "every input channel is active" if in_idx is None else f"in_idx lists {expected} active inputs"
+        raise ValueError(
+            f"x has {x.shape[dim]} channels in dimension {dim % x.dim()} but compact_input=True and {active}, "
+            f"so x must have {expected}"
+        )
+
+
+def check_splora_linear_args(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale,
+                             compact_input=False, compact_output=False):
+    """Validate the arguments of ``splora_linear``; return normalised index lists and scale.
+
+    With ``compact_input`` the last dimension of ``x`` holds the active inputs only.
+    """
     check_tensor(x, "x", min_ndim=1)
     check_tensor(weight, "weight", ndim=2)
     check_float_tensor(x, "x", x, "x")
     check_float_tensor(weight, "weight", x, "x")
+    check_compact_flags(compact_input, compact_output)
     out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
+    if not compact_input and x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects {in_features}")
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together (or both None)")
@@ -181,6 +203,8 @@ def check_splora_linear_args(x, weight, lora_a, lora_b, bias, in_idx, out_idx, s
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
     in_idx = check_index(in_idx, "in_idx", in_features, x.device)
     out_idx = check_index(out_idx, "out_idx", out_features, x.device)
+    if compact_input:
+        check_compact_width(x, -1, in_idx, in_features)
     return in_idx, out_idx, check_scale(scale)
 
 
@@ -250,8 +274,12 @@ def check_conv_geometry(
     return stride, padding, dilation
 
 
-def _check_conv_tensors(d: int | None, x: object, weight: object, bias: object, groups: object) -> tuple[int, int]:
-    """Shapes, dtypes and devices of x, weight, bias; returns (d, groups)."""
+def _check_conv_tensors(d: int | None, x: object, weight: object, bias: object, groups: object,
+                        compact_input: bool = False) -> tuple[int, int]:
+    """Shapes, dtypes and devices of x, weight, bias; returns (d, groups).
+
+    With ``compact_input`` the channels of ``x`` are checked later, against ``in_idx``.
+    """
     check_tensor(weight, "weight")
     if d is None:  # trusted callers: the dimensionality comes from the weight
         d = weight.dim() - 2
@@ -269,7 +297,7 @@ def _check_conv_tensors(d: int | None, x: object, weight: object, bias: object, 
     check_float_tensor(weight, "weight", x, "x")
     groups = check_groups(groups)
     x_shape, w_shape = x.shape, weight.shape
-    out_channels, in_channels = w_shape[0], x_shape[1]
+    out_channels, in_channels = w_shape[0], w_shape[1] * groups if compact_input else x_shape[1]
     if out_channels < 1 or w_shape[1] < 1:
         raise ValueError(
             f"weight must have at least one output and one input channel, got shape {tuple(w_shape)}"
@@ -322,18 +350,21 @@ def _unchecked_index(idx: Tensor | None) -> Tensor | None:
     return idx.to(torch.int64).contiguous()
 
 
-def _check_conv_indices(x: Tensor, weight: Tensor, in_idx, out_idx, trusted: bool):
+def _check_conv_indices(x: Tensor, weight: Tensor, groups: int, in_idx, out_idx, trusted: bool, compact_input: bool):
+    in_channels = weight.shape[1] * groups
     if trusted:
-        return _unchecked_index(in_idx), _unchecked_index(out_idx)
-    return (
-        check_index(in_idx, "in_idx", x.shape[1], x.device),
-        check_index(out_idx, "out_idx", weight.shape[0], x.device),
-    )
+        in_idx, out_idx = _unchecked_index(in_idx), _unchecked_index(out_idx)
+    else:
+        in_idx = check_index(in_idx, "in_idx", in_channels, x.device)
+        out_idx = check_index(out_idx, "out_idx", weight.shape[0], x.device)
+    if compact_input:
+        check_compact_width(x, 1, in_idx, in_channels)
+    return in_idx, out_idx
 
 
 def check_splora_conv_args(
     d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale,
-    *, trusted: bool = False,
+    *, trusted: bool = False, compact_input: bool = False, compact_output: bool = False,
 ):
     """Validate a SPLoRA convolution call (``d=None``: take it from the weight).
 
@@ -341,8 +372,10 @@ def check_splora_conv_args(
     int64 index lists, explicit symmetric padding and a float scale.
     ``trusted=True`` (modules) skips the checks that read index values, and the
     scale check, which cannot be traced when torch.compile makes it symbolic.
+    With ``compact_input`` dimension 1 of ``x`` holds the active inputs only.
     """
-    d, groups = _check_conv_tensors(d, x, weight, bias, groups)
+    check_compact_flags(compact_input, compact_output)
+    d, groups = _check_conv_tensors(d, x, weight, bias, groups, compact_input)
     out_channels, group_in = weight.shape[0], weight.shape[1]
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together (or both None)")
@@ -360,16 +393,17 @@ def check_splora_conv_args(
             raise ValueError(f"lora_b must have shape ({out_channels}, {rank}), got {tuple(lora_b.shape)}")
     stride, padding, dilation = check_conv_geometry(stride, padding, dilation, tuple(weight.shape[2:]))
     _check_output_size(x, weight, stride, padding, dilation)
-    in_idx, out_idx = _check_conv_indices(x, weight, in_idx, out_idx, trusted)
+    in_idx, out_idx = _check_conv_indices(x, weight, groups, in_idx, out_idx, trusted, compact_input)
     return in_idx, out_idx, stride, padding, dilation, groups, float(scale) if trusted else check_scale(scale)
 
 
 def check_sppara_conv_args(
     d, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups,
-    *, trusted: bool = False,
+    *, trusted: bool = False, compact_input: bool = False, compact_output: bool = False,
 ):
     """Validate an SPPaRA convolution call; like :func:`check_splora_conv_args` without scale."""
-    d, groups = _check_conv_tensors(d, x, weight, bias, groups)
+    check_compact_flags(compact_input, compact_output)
+    d, groups = _check_conv_tensors(d, x, weight, bias, groups, compact_input)
     check_tensor(adapter, "adapter", ndim=2)
     check_float_tensor(adapter, "adapter", x, "x")
     expected = (weight.shape[0], weight.shape[1])
@@ -377,5 +411,5 @@ def check_sppara_conv_args(
         raise ValueError(f"adapter must have shape (C_out, C_in/groups) = {expected}, got {tuple(adapter.shape)}")
     stride, padding, dilation = check_conv_geometry(stride, padding, dilation, tuple(weight.shape[2:]))
     _check_output_size(x, weight, stride, padding, dilation)
-    in_idx, out_idx = _check_conv_indices(x, weight, in_idx, out_idx, trusted)
+    in_idx, out_idx = _check_conv_indices(x, weight, groups, in_idx, out_idx, trusted, compact_input)
     return in_idx, out_idx, stride, padding, dilation, groups

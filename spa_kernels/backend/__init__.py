@@ -52,11 +52,15 @@ class Capabilities:
     ``devices``: device types its kernels run on (``None``: any device).
     ``dtypes``: floating dtypes of its operands.
     ``grouped_conv``: whether it runs convolutions with ``groups > 1``.
+    ``compact_activations``: whether its kernels take the ``compact_input`` and
+    ``compact_output`` keywords (activations holding the active channels only).
+    The op layer widens and narrows activations around backends without it.
     """
 
     devices: tuple[str, ...] | None
     dtypes: tuple[torch.dtype, ...]
     grouped_conv: bool = False
+    compact_activations: bool = False
 
     def runs(self, device_type: str, dtype: torch.dtype | None = None) -> bool:
         """Whether tensors of ``device_type`` and ``dtype`` (None: any dtype) are within these capabilities."""

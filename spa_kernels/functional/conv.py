@@ -47,27 +47,27 @@ def _conv_backend(backend: str | None, x: Tensor, groups: int, op: str) -> str:
 
 
 def _splora_conv(d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale,
-                 backend, *, trusted=False) -> Tensor:
+                 backend, compact_input, compact_output, *, trusted=False) -> Tensor:
     x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
     in_idx, out_idx, stride, padding, dilation, groups, scale = check_splora_conv_args(
         d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale,
-        trusted=trusted,
+        trusted=trusted, compact_input=compact_input, compact_output=compact_output,
     )
     name = _conv_backend(backend, x, groups, "splora_conv")
     return ops.splora_conv(x, weight, lora_a, lora_b, bias, in_idx, out_idx, list(stride), list(padding),
-                            list(dilation), groups, scale, name)
+                            list(dilation), groups, scale, name, compact_input, compact_output)
 
 
 def _sppara_conv(d, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend,
-                 *, trusted=False) -> Tensor:
+                 compact_input, compact_output, *, trusted=False) -> Tensor:
     x, weight, adapter, bias = autocast_operands(x, weight, adapter, bias)
     in_idx, out_idx, stride, padding, dilation, groups = check_sppara_conv_args(
         d, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups,
-        trusted=trusted,
+        trusted=trusted, compact_input=compact_input, compact_output=compact_output,
     )
     name = _conv_backend(backend, x, groups, "sppara_conv")
     return ops.sppara_conv(x, weight, adapter, bias, in_idx, out_idx, list(stride), list(padding),
-                            list(dilation), groups, name)
+                            list(dilation), groups, name, compact_input, compact_output)
 
 
 # --------------------------------------------------------------------------- SPLoRA
@@ -102,9 +102,15 @@ _SPLORA_DOC = r"""Masked SPLoRA {d}d convolution, computed over the active chann
         scale: adapter scale ``s``.
         backend: ``None``/``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``
             or ``"cuda"``.
+        compact_input: ``x`` is ``(N, |S|, {spatial})``: channel ``k`` is input
+            channel ``in_idx[k]`` (the weight is read in place, not gathered).
+        compact_output: return ``(N, |O|, {spatial_out})``: channel ``j`` is output
+            channel ``out_idx[j]``, and nothing is written for inactive outputs.
 
     Returns:
-        ``(N, C_out, {spatial_out})``, exactly zero at inactive output channels.
+        ``(N, C_out, {spatial_out})``, exactly zero at inactive output channels
+        (``(N, |O|, ...)`` with ``compact_output``).  The gradient of ``x`` has the
+        shape of ``x``; parameter gradients are full, zero where inactive.
     """
 
 
@@ -123,9 +129,12 @@ def splora_conv1d(
     groups: int = 1,
     scale: float = 1.0,
     backend: str | None = None,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     return _splora_conv(1, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups,
-                        scale, backend)
+                        scale, backend,
+                        compact_input, compact_output)
 
 
 def splora_conv2d(
@@ -143,9 +152,12 @@ def splora_conv2d(
     groups: int = 1,
     scale: float = 1.0,
     backend: str | None = None,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     return _splora_conv(2, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups,
-                        scale, backend)
+                        scale, backend,
+                        compact_input, compact_output)
 
 
 def splora_conv3d(
@@ -163,9 +175,12 @@ def splora_conv3d(
     groups: int = 1,
     scale: float = 1.0,
     backend: str | None = None,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     return _splora_conv(3, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups,
-                        scale, backend)
+                        scale, backend,
+                        compact_input, compact_output)
 
 
 # --------------------------------------------------------------------------- SPPaRA
@@ -195,9 +210,15 @@ _SPPARA_DOC = r"""Masked SPPaRA {d}d convolution, computed over the active chann
             backend only (see :func:`splora_conv{d}d`).
         backend: ``None``/``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``
             or ``"cuda"``.
+        compact_input: ``x`` is ``(N, |S|, {spatial})``: channel ``k`` is input
+            channel ``in_idx[k]`` (the weight is read in place, not gathered).
+        compact_output: return ``(N, |O|, {spatial_out})``: channel ``j`` is output
+            channel ``out_idx[j]``, and nothing is written for inactive outputs.
 
     Returns:
-        ``(N, C_out, {spatial_out})``, exactly zero at inactive output channels.
+        ``(N, C_out, {spatial_out})``, exactly zero at inactive output channels
+        (``(N, |O|, ...)`` with ``compact_output``).  The gradient of ``x`` has the
+        shape of ``x``; parameter gradients are full, zero where inactive.
     """
 
 
@@ -214,8 +235,11 @@ def sppara_conv1d(
     dilation: IntOrTuple = 1,
     groups: int = 1,
     backend: str | None = None,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
-    return _sppara_conv(1, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend)
+    return _sppara_conv(1, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend,
+                        compact_input, compact_output)
 
 
 def sppara_conv2d(
@@ -231,8 +255,11 @@ def sppara_conv2d(
     dilation: IntOrTuple = 1,
     groups: int = 1,
     backend: str | None = None,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
-    return _sppara_conv(2, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend)
+    return _sppara_conv(2, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend,
+                        compact_input, compact_output)
 
 
 def sppara_conv3d(
@@ -248,8 +275,11 @@ def sppara_conv3d(
     dilation: IntOrTuple = 1,
     groups: int = 1,
     backend: str | None = None,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
-    return _sppara_conv(3, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend)
+    return _sppara_conv(3, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend,
+                        compact_input, compact_output)
 
 
 _SHAPES = {1: ("L", "k"), 2: ("H, W", "kH, kW"), 3: ("D, H, W", "kD, kH, kW")}
@@ -278,6 +308,8 @@ def splora_conv_trusted(
     groups: int = 1,
     scale: float = 1.0,
     backend: str | None = None,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     """``splora_conv{1,2,3}d`` for modules, whose index lists are valid by construction.
 
@@ -286,7 +318,7 @@ def splora_conv_trusted(
     finiteness check of ``scale`` are skipped, so torch.compile traces it whole.
     """
     return _splora_conv(None, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups,
-                        scale, backend, trusted=True)
+                        scale, backend, compact_input, compact_output, trusted=True)
 
 
 def sppara_conv_trusted(
@@ -302,10 +334,12 @@ def sppara_conv_trusted(
     dilation: IntOrTuple = 1,
     groups: int = 1,
     backend: str | None = None,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     """``sppara_conv{1,2,3}d`` for modules; see :func:`splora_conv_trusted`."""
     return _sppara_conv(None, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend,
-                        trusted=True)
+                        compact_input, compact_output, trusted=True)
 
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import ops
-from .._validation import check_splora_linear_args
+from .._validation import check_compact_flags, check_compact_width, check_splora_linear_args
 from ..backend import resolve
 from .autocast import autocast_operands
 
@@ -21,6 +21,8 @@ def splora_linear(
     *,
     scale: float = 1.0,
     backend: str | None = None,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     r"""Masked SPLoRA linear layer, computed over the active channels only.
 
@@ -41,17 +43,26 @@ def splora_linear(
         scale: adapter scale ``s``.
         backend: ``None``/``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``
             or ``"cuda"``.
+        compact_input: ``x`` is ``(..., |S|)``: column ``k`` is input channel
+            ``in_idx[k]`` (the weight is read in place, not gathered).
+        compact_output: return ``(..., |O|)``: column ``j`` is output channel
+            ``out_idx[j]``, and nothing is written for inactive outputs.
 
     Returns:
-        ``(..., out)``, exactly zero at inactive outputs.  Under ``torch.autocast`` the
-        operands are cast to the autocast dtype first, as for ``F.linear``.
+        ``(..., out)``, exactly zero at inactive outputs (``(..., |O|)`` with
+        ``compact_output``).  Gradients keep the shapes of their operands: compact
+        for ``x`` with ``compact_input``, full (zero where inactive) for the
+        parameters.  Under ``torch.autocast`` the operands are cast to the autocast
+        dtype first, as for ``F.linear``.
     """
     x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
     in_idx, out_idx, scale = check_splora_linear_args(
-        x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale
+        x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, compact_input, compact_output
     )
     impl = resolve(backend, x.device, x.dtype, "splora_linear")
-    return ops.splora_linear(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, impl.name)
+    return ops.splora_linear(
+        x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, impl.name, compact_input, compact_output
+    )
 
 
 def splora_linear_trusted(
@@ -64,6 +75,8 @@ def splora_linear_trusted(
     out_idx: Tensor | None,
     scale: float,
     backend: str | None,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     """``splora_linear`` for modules, whose index lists are valid by construction.
 
@@ -71,12 +84,18 @@ def splora_linear_trusted(
     still the caller's responsibility to keep consistent.
     """
     x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
-    if x.shape[-1] != weight.shape[1]:
+    if compact_input or compact_output:
+        check_compact_flags(compact_input, compact_output)
+    if compact_input:
+        check_compact_width(x, -1, in_idx, weight.shape[1])
+    elif x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects {weight.shape[1]}")
     if x.dtype != weight.dtype:
         raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}")
     impl = resolve(backend, x.device, x.dtype, "splora_linear")
-    return ops.splora_linear(x, weight, lora_a, lora_b, bias, in_idx, out_idx, float(scale), impl.name)
+    return ops.splora_linear(
+        x, weight, lora_a, lora_b, bias, in_idx, out_idx, float(scale), impl.name, compact_input, compact_output
+    )
 
 
 __all__ = ["splora_linear", "splora_linear_trusted"]

@@ -12,6 +12,12 @@ The index lists are plain tensor attributes, not buffers: torch.compile gives
 module buffers static shapes and would recompile the model at every mask change,
 while the length of a plain attribute is a symbol (the first pruning of a layer
 recompiles once; later mask changes reuse the graph).
+
+Compact activations: with ``compact_input`` set, a layer reads only its active input
+channels (``len(in_idx)`` of them, in increasing order); with ``compact_output`` it
+writes only its active outputs.  :func:`spa_kernels.compact_activations` sets both
+for the layers inside one channel group, so the tensors between them never hold
+the pruned channels.
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ class ChannelMasked(nn.Module):
     out_mask: Tensor
     in_idx: Tensor | None
     out_idx: Tensor | None
+    # Plain attributes, not buffers: a compact mode is a way of running the model,
+    # not part of a checkpoint or a task package.
+    compact_input: bool = False
+    compact_output: bool = False
 
     def __setattr__(self, name: str, value: object) -> None:
         # Code that rebuilds a layer's weight from outside, like torch.nn.utils.fusion's
@@ -101,6 +111,10 @@ class ChannelMasked(nn.Module):
             if out_mask is not None:
                 self.out_mask.copy_(out_mask)
         self._rebuild_indices()
+
+    def _compact_flags(self) -> dict[str, bool]:
+        """The compact keywords of the functional op, as this layer runs now."""
+        return {"compact_input": self.compact_input, "compact_output": self.compact_output}
 
     def _apply(self, fn, recurse: bool = True):
         module = super()._apply(fn, recurse)

@@ -121,7 +121,7 @@ class SPLoRALinear(ChannelMasked, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         return splora_linear_trusted(
             input, self.weight, self.adapter.rows[0], self.adapter.cols[0], self.bias,
-            self.in_idx, self.out_idx, self.scale, self.backend,
+            self.in_idx, self.out_idx, self.scale, self.backend, **self._compact_flags(),
         )
 
     # ------------------------------------------------------------------ conversion

@@ -106,7 +106,7 @@ class _SPLoRAConvNd(AdaptedConvNd):
         x, unbatched = self._prepare_input(input)
         y = functional.splora_conv_trusted(
             x, self.weight, self.adapter.rows[0], self.adapter.cols[0], self.bias,
-            self.in_idx, self.out_idx, scale=self.scale, **self._conv_args(),
+            self.in_idx, self.out_idx, scale=self.scale, **self._conv_args(), **self._compact_flags(),
         )
         return y.squeeze(0) if unbatched else y
 

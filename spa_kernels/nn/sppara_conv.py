@@ -95,6 +95,7 @@ class _SPPaRAConvNd(AdaptedConvNd):
         x, unbatched = self._prepare_input(input)
         y = functional.sppara_conv_trusted(
             x, self.weight, self.adapter, self.bias, self.in_idx, self.out_idx, **self._conv_args(),
+            **self._compact_flags(),
         )
         return y.squeeze(0) if unbatched else y
 

@@ -22,6 +22,10 @@ geometry, then ``scale``, then ``backend`` and ``output_mask``.  Only backends
 whose capabilities include grouped convolutions run ``groups != 1``; the ops
 refuse it elsewhere.
 
+``compact_input``/``compact_output`` (last in every schema, default False) make
+dimension 1 of ``x``/``y`` (and of their gradients) hold the active channels
+only; see ``linear.py`` for how backends without compact kernels are served.
+
 The backward ops return empty placeholders for gradients not asked for, because
 op schemas cannot return ``None``.
 """
@@ -31,8 +35,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from .._geometry import conv_output_shape
-from ..backend import check_groups, kernel
+from ..backend import check_groups
 from .library import (
+    compact_flags,
+    compact_width,
     contiguous,
     define_op,
     fake_gradients,
@@ -40,6 +46,8 @@ from .library import (
     refuse_derivative,
     register_autograd,
     register_fake,
+    run_backward,
+    run_forward,
     wanted,
     with_placeholders,
     zero_gradients,
@@ -47,27 +55,40 @@ from .library import (
 
 # Explicit schemas: geometry is int[] (not SymInt[]), since it is fixed per layer.
 _GEOMETRY = "int[] stride, int[] padding, int[] dilation, int groups"
+_COMPACT = "bool compact_input=False, bool compact_output=False"
 SPLORA_CONV_SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? bias, Tensor? in_idx, "
-    f"Tensor? out_idx, {_GEOMETRY}, float scale, str backend) -> Tensor"
+    f"Tensor? out_idx, {_GEOMETRY}, float scale, str backend, {_COMPACT}) -> Tensor"
 )
 SPLORA_CONV_BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor x, Tensor weight, Tensor? lora_a, Tensor? lora_b, Tensor? in_idx, "
-    f"Tensor? out_idx, {_GEOMETRY}, float scale, str backend, bool[] output_mask) "
+    f"Tensor? out_idx, {_GEOMETRY}, float scale, str backend, bool[] output_mask, {_COMPACT}) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 SPPARA_CONV_SCHEMA = (
     "(Tensor x, Tensor weight, Tensor adapter, Tensor? bias, Tensor? in_idx, Tensor? out_idx, "
-    f"{_GEOMETRY}, str backend) -> Tensor"
+    f"{_GEOMETRY}, str backend, {_COMPACT}) -> Tensor"
 )
 SPPARA_CONV_BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor x, Tensor weight, Tensor adapter, Tensor? in_idx, Tensor? out_idx, "
-    f"{_GEOMETRY}, str backend, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
+    f"{_GEOMETRY}, str backend, bool[] output_mask, {_COMPACT}) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
 def _geometry(stride, padding, dilation) -> tuple[tuple[int, ...], ...]:
     return tuple(int(v) for v in stride), tuple(int(v) for v in padding), tuple(int(v) for v in dilation)
+
+
+def _output_shape(x, weight, out_idx, stride, padding, dilation, compact_output) -> list:
+    shape = conv_output_shape(x, weight, stride, padding, dilation)
+    if compact_output:
+        shape[1] = compact_width(out_idx, weight.shape[0])
+    return shape
+
+
+def _channels(weight: Tensor, groups: int) -> tuple[int, int]:
+    """Full (input, output) channel counts of a convolution."""
+    return weight.shape[1] * groups, weight.shape[0]
 
 
 # --------------------------------------------------------------------------- SPLoRA
@@ -88,19 +109,22 @@ def splora_conv(
     groups: int,
     scale: float,
     backend: str,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     check_groups(backend, groups)
     if x.shape[0] == 0:
-        return x.new_zeros(conv_output_shape(x, weight, stride, padding, dilation))
-    return kernel(backend, "splora_conv_forward")(
-        x.contiguous(), weight.contiguous(), contiguous(lora_a), contiguous(lora_b), contiguous(bias),
-        in_idx, out_idx, *_geometry(stride, padding, dilation), groups, scale,
-    )
+        return x.new_zeros(_output_shape(x, weight, out_idx, stride, padding, dilation, compact_output))
+    operands = (weight.contiguous(), contiguous(lora_a), contiguous(lora_b), contiguous(bias), in_idx, out_idx,
+                *_geometry(stride, padding, dilation), groups, scale)
+    return run_forward(backend, "splora_conv_forward", x.contiguous(), operands, in_idx, out_idx,
+                       _channels(weight, groups)[0], compact_input, compact_output)
 
 
 @register_fake(splora_conv)
-def _(x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale, backend):
-    return x.new_empty(conv_output_shape(x, weight, stride, padding, dilation))
+def _(x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale, backend,
+      compact_input=False, compact_output=False):
+    return x.new_empty(_output_shape(x, weight, out_idx, stride, padding, dilation, compact_output))
 
 
 @define_op("splora_conv_backward", schema=SPLORA_CONV_BACKWARD_SCHEMA)
@@ -119,6 +143,8 @@ def splora_conv_backward(
     scale: float,
     backend: str,
     output_mask: list[bool],
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_groups(backend, groups)
     mask = tuple(bool(m) for m in output_mask)
@@ -127,16 +153,16 @@ def splora_conv_backward(
     if x.shape[0] == 0:
         grads = zero_gradients(mask, gradient_shapes(x, weight, lora_a, lora_b, out_channels=weight.shape[0]), x)
     else:
-        grads = kernel(backend, "splora_conv_backward")(
-            grad_out.contiguous(), x.contiguous(), weight.contiguous(), contiguous(lora_a), contiguous(lora_b),
-            in_idx, out_idx, *_geometry(stride, padding, dilation), groups, scale, mask,
-        )
+        operands = (weight.contiguous(), contiguous(lora_a), contiguous(lora_b), in_idx, out_idx,
+                    *_geometry(stride, padding, dilation), groups, scale, mask)
+        grads = run_backward(backend, "splora_conv_backward", grad_out.contiguous(), x.contiguous(), operands,
+                             in_idx, out_idx, *_channels(weight, groups), compact_input, compact_output)
     return with_placeholders(grads, x)
 
 
 @register_fake(splora_conv_backward)
 def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, stride, padding, dilation, groups, scale, backend,
-      output_mask):
+      output_mask, compact_input=False, compact_output=False):
     return fake_gradients(output_mask, gradient_shapes(x, weight, lora_a, lora_b, out_channels=weight.shape[0]), x)
 
 
@@ -144,8 +170,9 @@ refuse_derivative(splora_conv_backward)
 
 
 def _setup_splora_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale, backend = inputs
+    x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale, backend, *compact = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, in_idx, out_idx)
+    ctx.compact = compact_flags(compact)
     ctx.geometry = (stride, padding, dilation, groups)
     ctx.scale = scale
     ctx.backend = backend
@@ -157,9 +184,10 @@ def _splora_backward(ctx, grad_out):
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2], need[3], need[4] and ctx.has_bias]
     grads = splora_conv_backward(
-        grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, *ctx.geometry, ctx.scale, ctx.backend, output_mask
+        grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, *ctx.geometry, ctx.scale, ctx.backend, output_mask,
+        *ctx.compact,
     )
-    return (*wanted(grads, output_mask), None, None, None, None, None, None, None, None)
+    return (*wanted(grads, output_mask), None, None, None, None, None, None, None, None, None, None)
 
 
 register_autograd(splora_conv, _splora_backward, setup_context=_setup_splora_context)
@@ -181,19 +209,22 @@ def sppara_conv(
     dilation: list[int],
     groups: int,
     backend: str,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     check_groups(backend, groups)
     if x.shape[0] == 0:
-        return x.new_zeros(conv_output_shape(x, weight, stride, padding, dilation))
-    return kernel(backend, "sppara_conv_forward")(
-        x.contiguous(), weight.contiguous(), adapter.contiguous(), contiguous(bias),
-        in_idx, out_idx, *_geometry(stride, padding, dilation), groups,
-    )
+        return x.new_zeros(_output_shape(x, weight, out_idx, stride, padding, dilation, compact_output))
+    operands = (weight.contiguous(), adapter.contiguous(), contiguous(bias), in_idx, out_idx,
+                *_geometry(stride, padding, dilation), groups)
+    return run_forward(backend, "sppara_conv_forward", x.contiguous(), operands, in_idx, out_idx,
+                       _channels(weight, groups)[0], compact_input, compact_output)
 
 
 @register_fake(sppara_conv)
-def _(x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend):
-    return x.new_empty(conv_output_shape(x, weight, stride, padding, dilation))
+def _(x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend, compact_input=False,
+      compact_output=False):
+    return x.new_empty(_output_shape(x, weight, out_idx, stride, padding, dilation, compact_output))
 
 
 @define_op("sppara_conv_backward", schema=SPPARA_CONV_BACKWARD_SCHEMA)
@@ -210,21 +241,24 @@ def sppara_conv_backward(
     groups: int,
     backend: str,
     output_mask: list[bool],
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_groups(backend, groups)
     mask = tuple(bool(m) for m in output_mask)
     if x.shape[0] == 0:
         grads = zero_gradients(mask, gradient_shapes(x, weight, adapter, out_channels=weight.shape[0]), x)
     else:
-        grads = kernel(backend, "sppara_conv_backward")(
-            grad_out.contiguous(), x.contiguous(), weight.contiguous(), adapter.contiguous(),
-            in_idx, out_idx, *_geometry(stride, padding, dilation), groups, mask,
-        )
+        operands = (weight.contiguous(), adapter.contiguous(), in_idx, out_idx,
+                    *_geometry(stride, padding, dilation), groups, mask)
+        grads = run_backward(backend, "sppara_conv_backward", grad_out.contiguous(), x.contiguous(), operands,
+                             in_idx, out_idx, *_channels(weight, groups), compact_input, compact_output)
     return with_placeholders(grads, x)
 
 
 @register_fake(sppara_conv_backward)
-def _(grad_out, x, weight, adapter, in_idx, out_idx, stride, padding, dilation, groups, backend, output_mask):
+def _(grad_out, x, weight, adapter, in_idx, out_idx, stride, padding, dilation, groups, backend, output_mask,
+      compact_input=False, compact_output=False):
     return fake_gradients(output_mask, gradient_shapes(x, weight, adapter, out_channels=weight.shape[0]), x)
 
 
@@ -232,8 +266,9 @@ refuse_derivative(sppara_conv_backward)
 
 
 def _setup_sppara_context(ctx, inputs, output):
-    x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend = inputs
+    x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend, *compact = inputs
     ctx.save_for_backward(x, weight, adapter, in_idx, out_idx)
+    ctx.compact = compact_flags(compact)
     ctx.geometry = (stride, padding, dilation, groups)
     ctx.backend = backend
     ctx.has_bias = bias is not None
@@ -244,9 +279,9 @@ def _sppara_backward(ctx, grad_out):
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2], need[3] and ctx.has_bias]
     grads = sppara_conv_backward(
-        grad_out, x, weight, adapter, in_idx, out_idx, *ctx.geometry, ctx.backend, output_mask
+        grad_out, x, weight, adapter, in_idx, out_idx, *ctx.geometry, ctx.backend, output_mask, *ctx.compact
     )
-    return (*wanted(grads, output_mask), None, None, None, None, None, None, None)
+    return (*wanted(grads, output_mask), None, None, None, None, None, None, None, None, None)
 
 
 register_autograd(sppara_conv, _sppara_backward, setup_context=_setup_sppara_context)

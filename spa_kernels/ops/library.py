@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..backend import get, kernel
+
 NAMESPACE = "spa_kernels"
 
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
@@ -123,3 +125,80 @@ def with_placeholders(grads: Sequence[Tensor | None], like: Tensor) -> tuple[Ten
 def wanted(grads: Sequence[Tensor], output_mask: Sequence[bool]) -> list[Tensor | None]:
     """The placeholders of a backward op turned back into ``None`` for autograd."""
     return [g if want else None for g, want in zip(grads, output_mask, strict=True)]
+
+
+# --------------------------------------------------------------------------- compact activations
+
+
+def compact_width(idx: Tensor | None, full: int) -> int:
+    """Channels of a compact tensor over the active list ``idx`` (``None``: all ``full`` are active)."""
+    return full if idx is None else idx.shape[0]
+
+
+def native_compact(backend: str) -> bool:
+    """Whether backend ``backend`` reads and writes compact activations itself."""
+    return get(backend).capabilities.compact_activations
+
+
+def run_forward(backend: str, entry: str, x: Tensor, operands: Sequence, in_idx: Tensor | None,
+                out_idx: Tensor | None, in_channels: int, compact_input: bool, compact_output: bool) -> Tensor:
+    """``entry(x, *operands)`` on ``backend``, with activations compact as asked.
+
+    Channels are dimension 1 of ``x`` and of the result.  ``operands`` ends where
+    the kernel's positional arguments end; the flags go as keywords to backends
+    that take compact activations, and are resolved here for the others.
+    """
+    forward = kernel(backend, entry)
+    if not (compact_input or compact_output):
+        return forward(x, *operands)
+    if native_compact(backend):
+        return forward(x, *operands, compact_input=compact_input, compact_output=compact_output)
+    if compact_input:
+        x = widen_channels(x, 1, in_idx, in_channels)
+    y = forward(x, *operands)
+    return narrow_channels(y, 1, out_idx) if compact_output else y
+
+
+def run_backward(backend: str, entry: str, grad_out: Tensor, x: Tensor, operands: Sequence, in_idx: Tensor | None,
+                 out_idx: Tensor | None, in_channels: int, out_channels: int, compact_input: bool,
+                 compact_output: bool) -> tuple[Tensor | None, ...]:
+    """``entry(grad_out, x, *operands)`` on ``backend``; like :func:`run_forward`.
+
+    The gradient of ``x`` (first) comes back in ``x``'s layout, compact or not.
+    """
+    backward = kernel(backend, entry)
+    if not (compact_input or compact_output):
+        return backward(grad_out, x, *operands)
+    if native_compact(backend):
+        return backward(grad_out, x, *operands, compact_input=compact_input, compact_output=compact_output)
+    if compact_input:
+        x = widen_channels(x, 1, in_idx, in_channels)
+    if compact_output:
+        grad_out = widen_channels(grad_out, 1, out_idx, out_channels)
+    grads = tuple(backward(grad_out, x, *operands))
+    if compact_input and grads[0] is not None:
+        grads = (narrow_channels(grads[0], 1, in_idx), *grads[1:])
+    return grads
+
+
+def compact_flags(flags: Sequence) -> tuple[bool, bool]:
+    """``(compact_input, compact_output)`` from an op's trailing inputs (absent: False)."""
+    flags = tuple(bool(flag) for flag in flags)
+    return flags + (False,) * (2 - len(flags))
+
+
+def widen_channels(t: Tensor, dim: int, idx: Tensor | None, full: int) -> Tensor:
+    """A compact ``t`` placed at channels ``idx`` of a zero tensor ``full`` wide on ``dim``.
+
+    The fallback for backends that only take full-width activations.
+    """
+    if idx is None:
+        return t
+    shape = list(t.shape)
+    shape[dim] = full
+    return t.new_zeros(shape).index_copy_(dim, idx, t)
+
+
+def narrow_channels(t: Tensor, dim: int, idx: Tensor | None) -> Tensor:
+    """The channels ``idx`` of a full-width ``t`` on ``dim``, as a compact tensor (``None``: all)."""
+    return t if idx is None else t.index_select(dim, idx)

@@ -4,6 +4,13 @@ The ops take an already-resolved backend name; the functional layer validates
 the arguments and picks the backend.  Each op flattens leading dimensions and
 hands 2-D contiguous tensors to the backend, so backends never see strides.
 
+With ``compact_input`` the channel dimension of ``x`` (and of its gradient)
+holds the active inputs only, in order; with ``compact_output`` that of ``y``
+(and of ``grad_out``) holds the active outputs only.  Backends whose
+capabilities include compact activations get the two flags as keywords; for
+the others the op widens the compact tensors to full width with zeros before
+the kernel and narrows its results after.
+
 ``splora_linear_backward`` returns five tensors (x, weight, lora_a, lora_b,
 bias gradients); a gradient that was not asked for comes back as an empty
 placeholder, because op schemas cannot return ``None``.
@@ -13,8 +20,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..backend import kernel
 from .library import (
+    compact_flags,
+    compact_width,
     contiguous,
     define_op,
     fake_gradients,
@@ -23,10 +31,19 @@ from .library import (
     refuse_derivative,
     register_autograd,
     register_fake,
+    run_backward,
+    run_forward,
     wanted,
     with_placeholders,
     zero_gradients,
 )
+
+
+def _rows(t: Tensor, width: int) -> Tensor:
+    """``t`` (..., width) as a contiguous 2-D (rows, width) tensor; width may be 0 (every channel pruned)."""
+    if width == 0:
+        return t.reshape(t.shape[:-1].numel(), 0)
+    return t.reshape(-1, width).contiguous()
 
 # --------------------------------------------------------------------------- forward
 
@@ -42,21 +59,25 @@ def splora_linear(
     out_idx: Tensor | None,
     scale: float,
     backend: str,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     out_features, in_features = weight.shape
+    y_width = compact_width(out_idx, out_features) if compact_output else out_features
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, in_features).contiguous()
+    x2d = _rows(x, x.shape[-1])
     if x2d.shape[0] == 0:
-        return x.new_zeros(*lead, out_features)
-    y = kernel(backend, "splora_linear_forward")(
-        x2d, weight.contiguous(), contiguous(lora_a), contiguous(lora_b), contiguous(bias), in_idx, out_idx, scale,
-    )
-    return own_storage(y, (*lead, out_features))
+        return x.new_zeros(*lead, y_width)
+    operands = (weight.contiguous(), contiguous(lora_a), contiguous(lora_b), contiguous(bias), in_idx, out_idx, scale)
+    y = run_forward(backend, "splora_linear_forward", x2d, operands, in_idx, out_idx, in_features,
+                    compact_input, compact_output)
+    return own_storage(y.contiguous(), (*lead, y_width))
 
 
 @register_fake(splora_linear)
-def _(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, backend):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, backend, compact_input=False, compact_output=False):
+    y_width = compact_width(out_idx, weight.shape[0]) if compact_output else weight.shape[0]
+    return x.new_empty(*x.shape[:-1], y_width)
 
 
 # --------------------------------------------------------------------------- backward
@@ -74,25 +95,28 @@ def splora_linear_backward(
     scale: float,
     backend: str,
     output_mask: list[bool],
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     out_features, in_features = weight.shape
-    x2d = x.reshape(-1, in_features).contiguous()
-    grad2d = grad_out.reshape(-1, out_features).contiguous()
+    x2d = _rows(x, x.shape[-1])
+    grad2d = _rows(grad_out, grad_out.shape[-1])
     mask = tuple(bool(m) for m in output_mask)
     if lora_a is None:
         mask = (mask[0], mask[1], False, False, mask[4])
     if x2d.shape[0] == 0:
         grads = zero_gradients(mask, gradient_shapes(x2d, weight, lora_a, lora_b, out_channels=out_features), x2d)
     else:
-        grads = kernel(backend, "splora_linear_backward")(
-            grad2d, x2d, weight.contiguous(), contiguous(lora_a), contiguous(lora_b), in_idx, out_idx, scale, mask,
-        )
+        operands = (weight.contiguous(), contiguous(lora_a), contiguous(lora_b), in_idx, out_idx, scale, mask)
+        grads = run_backward(backend, "splora_linear_backward", grad2d, x2d, operands, in_idx, out_idx, in_features,
+                             out_features, compact_input, compact_output)
     grad_x = own_storage(grads[0].contiguous(), tuple(x.shape)) if grads[0] is not None else None
     return with_placeholders((grad_x, *grads[1:]), x)
 
 
 @register_fake(splora_linear_backward)
-def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, backend, output_mask):
+def _(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, backend, output_mask, compact_input=False,
+      compact_output=False):
     return fake_gradients(output_mask, gradient_shapes(x, weight, lora_a, lora_b, out_channels=weight.shape[0]), x)
 
 
@@ -100,11 +124,12 @@ refuse_derivative(splora_linear_backward)
 
 
 def _setup_linear_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, backend = inputs
+    x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, backend, *compact = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, in_idx, out_idx)
     ctx.scale = scale
     ctx.backend = backend
     ctx.has_bias = bias is not None
+    ctx.compact = compact_flags(compact)
 
 
 def _linear_backward(ctx, grad_out):
@@ -112,9 +137,9 @@ def _linear_backward(ctx, grad_out):
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1], need[2], need[3], need[4] and ctx.has_bias]
     grads = splora_linear_backward(
-        grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, ctx.scale, ctx.backend, output_mask
+        grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, ctx.scale, ctx.backend, output_mask, *ctx.compact
     )
-    return (*wanted(grads, output_mask), None, None, None, None)
+    return (*wanted(grads, output_mask), None, None, None, None, None, None)
 
 
 register_autograd(splora_linear, _linear_backward, setup_context=_setup_linear_context)

@@ -3,7 +3,9 @@
 The frozen base is shared across tasks, so a norm layer is never changed: a forward
 hook multiplies its output (out of place) by the producers' ``out_mask``, read from
 the producer's buffer (what a task package stores) and cached until that buffer
-changes.  :meth:`spa_kernels.pruning.ChannelGroup.apply` installs them.
+changes.  :meth:`spa_kernels.pruning.ChannelGroup.apply` installs them.  A norm that
+runs on compact activations (``compact_channels`` True) holds no pruned channel, so its
+hook passes the output through.
 """
 
 from __future__ import annotations
@@ -44,12 +46,21 @@ class NormChannelMask:
         self._buffers: list[Tensor] = []
         self._mask: Tensor | None = None
 
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) gets new mask buffers whose version counters restart
+        # at zero: a cached mask could match their versions by chance and go stale.
+        return {**self.__dict__, "_key": None, "_versions": [], "_buffers": [], "_mask": None}
+
     def set_sources(self, key: tuple[int, ...], sources: list[_MaskSource]) -> None:
         """Register (or replace) the sources of one group's norm channels ``key``."""
         self.sources[key] = sources
         self._key = None
 
     def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        if getattr(module, "compact_channels", False):
+            # Under compact activations the norm outputs the active channels only:
+            # nothing pruned is left to zero (spa_kernels.compact_activations).
+            return output
         dim = _channel_dim(module, output)
         if output.shape[dim] != self.channels:
             raise RuntimeError(f"norm layer {self.name!r} gave {output.shape[dim]} channels, its channel "

@@ -13,7 +13,7 @@ from .linear import splora_linear_backward, splora_linear_forward
 from .splopa import splopa_linear_backward, splopa_linear_forward
 
 name = "reference"
-CAPABILITIES = Capabilities(devices=None, dtypes=SUPPORTED_DTYPES, grouped_conv=True)
+CAPABILITIES = Capabilities(devices=None, dtypes=SUPPORTED_DTYPES, grouped_conv=True, compact_activations=True)
 
 register_backend(Backend(name, CAPABILITIES, kernels=(linear, conv, splopa)))
 

@@ -21,6 +21,10 @@ Shapes: x (N, C_in, *spatial), weight (C_out, C_in/groups, *kernel),
 lora_a (r, C_in/groups), lora_b (C_out, r), adapter (C_out, C_in/groups),
 bias (C_out,), in_idx (|S|,) and out_idx (|O|,) int64 or None (all active);
 stride, padding (explicit, symmetric), dilation: tuples of d ints.
+With ``compact_input`` x (and its gradient) is (N, |S|, *spatial), already the
+active channels; with ``compact_output`` y (and grad_out) is (N, |O|, ...),
+never scattered.  Grouped convolutions widen compact tensors around the grouped
+path, which works on full-width tensors.
 """
 
 from __future__ import annotations
@@ -63,13 +67,15 @@ def _active_effective_weight(weight, centre_os, in_idx, out_idx) -> Tensor:
     return w_eff
 
 
-def _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding, dilation) -> Tensor:
+def _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding, dilation,
+                    compact_input=False, compact_output=False) -> Tensor:
     """``y`` for groups 1 from the active block; ``centre_os`` (|O|, |S|) is the centre-tap adapter term."""
     d = x.dim() - 2
     out_channels = weight.shape[0]
-    out_shape = [x.shape[0], out_channels, *conv_output_spatial(x, weight, stride, padding, dilation)]
-    n_in = x.shape[1] if in_idx is None else in_idx.numel()
+    n_in = x.shape[1] if in_idx is None or compact_input else in_idx.numel()
     n_out = out_channels if out_idx is None else out_idx.numel()
+    out_shape = [x.shape[0], n_out if compact_output else out_channels,
+                 *conv_output_spatial(x, weight, stride, padding, dilation)]
     if n_out == 0:
         return x.new_zeros(out_shape)
     bias_o = _take(bias, 0, out_idx) if bias is not None else None
@@ -79,31 +85,32 @@ def _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding
             y_o += broadcast(bias_o, y_o.dim(), 1)
     else:
         w_eff = _active_effective_weight(weight, centre_os, in_idx, out_idx)
-        y_o = CONV[d](_take(x, 1, in_idx), w_eff, bias_o, stride, padding, dilation)
-    return _scatter(y_o, 1, out_idx, out_channels)
+        x_s = x if compact_input else _take(x, 1, in_idx)
+        y_o = CONV[d](x_s, w_eff, bias_o, stride, padding, dilation)
+    return y_o if compact_output else _scatter(y_o, 1, out_idx, out_channels)
 
 
 def _active_backward(grad_out, x, weight, centre_os, in_idx, out_idx, stride, padding, dilation, need_x, need_w,
-                     need_centre_input):
+                     need_centre_input, compact_input=False, compact_output=False):
     """Gradients of x and W for groups 1, plus ``dy_O`` and ``x_c`` (centre-tap input) for the adapters.
 
     Returns ``(grad_x, grad_w, dy_o, x_c)``; ``x_c`` is None when not asked for
     or when a channel set is empty (then the adapter term is identically zero).
     """
     d = x.dim() - 2
-    out_channels, in_channels = weight.shape[0], x.shape[1]
-    dy_o = _take(grad_out, 1, out_idx)
-    n_in = in_channels if in_idx is None else in_idx.numel()
+    out_channels, in_channels = weight.shape[0], weight.shape[1]
+    dy_o = grad_out if compact_output else _take(grad_out, 1, out_idx)
+    n_in = x.shape[1] if in_idx is None or compact_input else in_idx.numel()
     grad_x = grad_w = x_c = None
     if n_in == 0 or dy_o.shape[1] == 0:  # nothing flows between the active sets
         grad_x = torch.zeros_like(x) if need_x else None
         grad_w = torch.zeros_like(weight) if need_w else None
         return grad_x, grad_w, dy_o, x_c
-    x_s = _take(x, 1, in_idx)
+    x_s = x if compact_input else _take(x, 1, in_idx)
     if need_x:
         w_eff = _active_effective_weight(weight, centre_os, in_idx, out_idx)
         dx_s = CONV_INPUT_GRAD[d](x_s.shape, w_eff, dy_o, stride, padding, dilation)
-        grad_x = _scatter(dx_s, 1, in_idx, in_channels)
+        grad_x = dx_s if compact_input else _scatter(dx_s, 1, in_idx, in_channels)
     if need_w:
         block_shape = (dy_o.shape[1], x_s.shape[1], *weight.shape[2:])
         dw_os = CONV_WEIGHT_GRAD[d](x_s, block_shape, dy_o, stride, padding, dilation)
@@ -128,6 +135,17 @@ def _bias_grad(dy_o: Tensor, out_idx: Tensor | None, out_channels: int) -> Tenso
     return _scatter(dy_o.sum(dims), 0, out_idx, out_channels)
 
 
+def _full_width(t: Tensor, idx: Tensor | None, channels: int, compact: bool) -> Tensor:
+    """A compact activation widened to ``channels`` with zeros, for the grouped path."""
+    return _scatter(t, 1, idx, channels) if compact else t
+
+
+def _compact_grad_x(grads: tuple, in_idx: Tensor | None, compact_input: bool) -> tuple:
+    if not compact_input or grads[0] is None:
+        return grads
+    return (_take(grads[0], 1, in_idx), *grads[1:])
+
+
 # --------------------------------------------------------------------------- SPLoRA
 
 
@@ -144,14 +162,20 @@ def splora_conv_forward(
     dilation: Geometry,
     groups: int,
     scale: float,
+    *,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     if groups != 1:
-        return conv_grouped.splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding,
-                                                dilation, groups, scale)
+        x = _full_width(x, in_idx, weight.shape[1] * groups, compact_input)
+        y = conv_grouped.splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding,
+                                             dilation, groups, scale)
+        return _take(y, 1, out_idx) if compact_output else y
     centre_os = None
     if lora_a is not None:  # s·B_O A_S: the active block of the adapter, never the full (out, in) product
         centre_os = scale * (_take(lora_b, 0, out_idx) @ _take(lora_a, 1, in_idx))
-    return _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding, dilation)
+    return _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding, dilation,
+                           compact_input, compact_output)
 
 
 def splora_conv_backward(
@@ -168,20 +192,28 @@ def splora_conv_backward(
     groups: int,
     scale: float,
     output_mask: tuple[bool, bool, bool, bool, bool],
+    *,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> tuple[Tensor | None, ...]:
     """Gradients of (x, weight, lora_a, lora_b, bias); ``None`` where not asked for."""
     need_x, need_w, need_a, need_b, need_bias = output_mask
     has_lora = lora_a is not None
     need_a, need_b = need_a and has_lora, need_b and has_lora
     if groups != 1:
-        return conv_grouped.splora_conv_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, stride,
-                                                 padding, dilation, groups, scale, output_mask)
+        grads = conv_grouped.splora_conv_backward(
+            _full_width(grad_out, out_idx, weight.shape[0], compact_output),
+            _full_width(x, in_idx, weight.shape[1] * groups, compact_input),
+            weight, lora_a, lora_b, in_idx, out_idx, stride, padding, dilation, groups, scale, output_mask,
+        )
+        return _compact_grad_x(grads, in_idx, compact_input)
     out_channels = weight.shape[0]
     a_s = _take(lora_a, 1, in_idx) if has_lora else None
     b_o = _take(lora_b, 0, out_idx) if has_lora else None
     centre_os = scale * (b_o @ a_s) if has_lora else None
     grad_x, grad_w, dy_o, x_c = _active_backward(
-        grad_out, x, weight, centre_os, in_idx, out_idx, stride, padding, dilation, need_x, need_w, need_a or need_b
+        grad_out, x, weight, centre_os, in_idx, out_idx, stride, padding, dilation, need_x, need_w, need_a or need_b,
+        compact_input, compact_output,
     )
     grad_a = grad_b = grad_bias = None
     if x_c is None:  # not asked for, or an empty channel set (the adapter term is then zero)
@@ -215,12 +247,18 @@ def sppara_conv_forward(
     padding: Geometry,
     dilation: Geometry,
     groups: int,
+    *,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> Tensor:
     if groups != 1:
-        return conv_grouped.sppara_conv_forward(x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation,
-                                                groups)
+        x = _full_width(x, in_idx, weight.shape[1] * groups, compact_input)
+        y = conv_grouped.sppara_conv_forward(x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation,
+                                             groups)
+        return _take(y, 1, out_idx) if compact_output else y
     centre_os = _take(_take(adapter, 0, out_idx), 1, in_idx)
-    return _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding, dilation)
+    return _active_forward(x, weight, centre_os, bias, in_idx, out_idx, stride, padding, dilation,
+                           compact_input, compact_output)
 
 
 def sppara_conv_backward(
@@ -235,16 +273,24 @@ def sppara_conv_backward(
     dilation: Geometry,
     groups: int,
     output_mask: tuple[bool, bool, bool, bool],
+    *,
+    compact_input: bool = False,
+    compact_output: bool = False,
 ) -> tuple[Tensor | None, ...]:
     """Gradients of (x, weight, adapter, bias); ``None`` where not asked for."""
     need_x, need_w, need_p, need_bias = output_mask
     if groups != 1:
-        return conv_grouped.sppara_conv_backward(grad_out, x, weight, adapter, in_idx, out_idx, stride, padding,
-                                                 dilation, groups, output_mask)
+        grads = conv_grouped.sppara_conv_backward(
+            _full_width(grad_out, out_idx, weight.shape[0], compact_output),
+            _full_width(x, in_idx, weight.shape[1] * groups, compact_input),
+            weight, adapter, in_idx, out_idx, stride, padding, dilation, groups, output_mask,
+        )
+        return _compact_grad_x(grads, in_idx, compact_input)
     out_channels = weight.shape[0]
     centre_os = _take(_take(adapter, 0, out_idx), 1, in_idx)
     grad_x, grad_w, dy_o, x_c = _active_backward(
-        grad_out, x, weight, centre_os, in_idx, out_idx, stride, padding, dilation, need_x, need_w, need_p
+        grad_out, x, weight, centre_os, in_idx, out_idx, stride, padding, dilation, need_x, need_w, need_p,
+        compact_input, compact_output,
     )
     grad_p = grad_bias = None
     if need_p:
