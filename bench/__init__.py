@@ -27,6 +27,7 @@ class RunConfig:
     dtype: torch.dtype
     keeps: tuple[float, ...]
     budget: Budget
+    compiled: str = "auto"  # torch.compile rows of the network suites: "auto" (within their time budget), "yes", "no"
 
 
 class Progress(Protocol):

@@ -25,11 +25,13 @@ import spa_kernels
 from . import RunConfig, Suite
 from .anchors import ContenderMismatch
 from .block import SUITE as BLOCK_SUITE
+from .compiled import COMPILE_MODES
 from .conv import SUITE as CONV_SUITE
 from .linear import SUITE as LINEAR_SUITE
 from .network import SUITE as NETWORK_SUITE
 from .overhead import SUITE as OVERHEAD_SUITE
 from .report import device_name, print_reports, results_path, save, to_markdown
+from .resnet50 import SUITE as RESNET50_SUITE
 from .shapes import CPU_THREADS, DTYPES, KEEP_RATIOS
 from .task_switch import SUITE as TASK_SUITE
 from .timing import DEFAULT_BUDGET, QUICK_BUDGET, set_cpu_threads
@@ -38,7 +40,7 @@ from .transformer_fastpath import SUITE as FASTPATH_SUITE
 
 SUITES: dict[str, Suite] = {suite.name: suite for suite in (LINEAR_SUITE, CONV_SUITE, NETWORK_SUITE, TASK_SUITE,
                                                              BLOCK_SUITE, TRANSFORMER_SUITE, FASTPATH_SUITE,
-                                                             OVERHEAD_SUITE)}
+                                                             RESNET50_SUITE, OVERHEAD_SUITE)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few samples per cell, for smoke tests")
     parser.add_argument("--seconds", type=float, default=None,
                         help=f"sampling time per cell (default {DEFAULT_BUDGET.max_s} s)")
+    parser.add_argument("--compiled", choices=COMPILE_MODES, default="auto",
+                        help="torch.compile vs eager rows of the resnet50 and transformer suites: yes, no, or auto "
+                             "(only when the suite is within its time budget; default)")
     parser.add_argument("--save", action="store_true",
                         help="write the tables to bench/results/<device-name>-<date>.md")
     args = parser.parse_args(argv)
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
     if args.seconds is not None:
         budget = dataclasses.replace(budget, max_s=args.seconds)
-    config = RunConfig(device, DTYPES[device.type], tuple(args.keep), budget)
+    config = RunConfig(device, DTYPES[device.type], tuple(args.keep), budget, args.compiled)
     suites = [SUITES[name] for name in args.suite]
 
     now = datetime.datetime.now()

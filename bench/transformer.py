@@ -36,6 +36,7 @@ from spa_kernels.nn import SPLoRALinear, SPLoRAMultiheadAttention
 
 from . import Progress, RunConfig
 from .anchors import COMPACTED, SP_ADAPTERS, ContenderMismatch, tolerance
+from .compiled import CompileGate, compiled_vs_eager
 from .conv import results_table
 from .linear import Ratio
 from .network import mask_with_hooks, redraw_adapters
@@ -59,6 +60,8 @@ RATIOS = (
 TARGET_SP_ADAPTERS = 2.2
 TARGET_COMPACTED = 1.15
 TARGET_DENSITY_SPEEDUP = 1.6
+SUITE_BUDGET_S = 180.0  # the whole suite on 2 quiet CPU cores, roughly
+COMPILE_RESERVE_S = 60.0  # compiling the ViT-B/16 stack's train step and timing it, on 2 cores, roughly
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,18 @@ def spa_stack(base: Stack, shape: TransformerShape, masks, generator: torch.Gene
     return model
 
 
+def build_spa(shape: TransformerShape, density: float) -> tuple[Stack, Stack, list, Tensor, Tensor]:
+    """The base stack, its pruned spa_kernels model, the masks, tokens and labels, from the suite's seeds."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DATA_SEED)
+        base = base_stack(shape)
+    generator = torch.Generator().manual_seed(DATA_SEED)
+    tokens = torch.randn(shape.batch, shape.tokens, shape.width, generator=generator)
+    labels = torch.randint(shape.classes, (shape.batch,), generator=generator)
+    masks = draw_masks(shape, density, torch.Generator().manual_seed(MASK_SEED))
+    return base, spa_stack(base, shape, masks, generator), masks, tokens, labels
+
+
 def sp_adapters_stack(base: Stack, spa_model: Stack, shape: TransformerShape, masks) -> Stack:
     model = sp_adapters.SPLoRA(copy.deepcopy(base), rank=shape.rank)
     state = {key: value for key, value in spa_model.state_dict().items() if not key.endswith("mask")}
@@ -222,10 +237,12 @@ def _step(model: nn.Module, tokens: Tensor, labels: Tensor):
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
 
-    def step() -> None:
+    def step() -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(tokens), labels).backward()
+        logits = model(tokens)
+        F.cross_entropy(logits, labels).backward()
         optimizer.step()
+        return logits.detach()
 
     return step
 
@@ -249,9 +266,10 @@ class TransformerSuite:
         self.shapes = shapes
 
     def count_cases(self, config: RunConfig) -> int:
-        return len(self.shapes) * len(DENSITIES)
+        return len(self.shapes) * len(DENSITIES) + (VIT_B16 in self.shapes)  # and the compiled row
 
     def run(self, config: RunConfig, progress: Progress) -> SuiteReport:
+        gate = CompileGate(config.compiled, SUITE_BUDGET_S, COMPILE_RESERVE_S)
         report = SuiteReport(self.name, notes=[
             "transformer: densities are the fraction of heads and of MLP channels kept in every layer "
             "(--keep does not apply). sp_adapters runs every head (see bench/transformer.py) and its logits "
@@ -267,7 +285,32 @@ class TransformerSuite:
                 report.targets += self._targets(by_density)
         if config.device.type != "cpu":
             report.notes.append("The transformer targets are CPU targets; they are not evaluated here.")
+        if VIT_B16 in self.shapes:
+            self._compiled_row(report, gate, config, progress)
         return report
+
+    @staticmethod
+    def _compiled_row(report: SuiteReport, gate: CompileGate, config: RunConfig, progress: Progress) -> None:
+        """The ViT-B/16 spa model at density 0.5 under ``torch.compile`` against eager (optional, see bench.compiled)."""
+        progress.begin(f"transformer {VIT_B16.name} density 0.5: torch.compile vs eager")
+        skip = gate.skip_reason()
+        if skip is not None:
+            report.notes.append(f"transformer: the torch.compile vs eager row was skipped ({skip}).")
+        else:
+            device, dtype = config.device, config.dtype
+            _, spa_model, _, tokens, labels = build_spa(VIT_B16, 0.5)
+            tokens, labels = tokens.to(device, dtype), labels.to(device)
+            title = (f"transformer {VIT_B16} ({str(dtype).removeprefix('torch.')}), {SPA} at density 0.5 — "
+                     "train step, eager vs compiled: median ms (p20–p80)")
+            table, target, notes = compiled_vs_eager(
+                title, spa_model.to(device, dtype), lambda model: _step(model, tokens, labels), device, dtype,
+                config.budget, 0.5, f"transformer {VIT_B16.name} {SPA}")
+            if table is not None:
+                report.tables.append(table)
+            report.notes += notes
+            if config.device.type == "cpu":
+                report.targets.append(target)
+        progress.end()
 
     @staticmethod
     def _targets(times: dict[float, dict[str, Measurement]]) -> list[TargetResult]:
@@ -288,14 +331,7 @@ class TransformerSuite:
                      progress: Progress) -> dict[str, Measurement]:
         progress.begin(f"transformer {shape.name} density {format_keep(density)}: build, check, time")
         device, dtype = config.device, config.dtype
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(DATA_SEED)
-            base = base_stack(shape)
-        generator = torch.Generator().manual_seed(DATA_SEED)
-        tokens = torch.randn(shape.batch, shape.tokens, shape.width, generator=generator)
-        labels = torch.randint(shape.classes, (shape.batch,), generator=generator)
-        masks = draw_masks(shape, density, torch.Generator().manual_seed(MASK_SEED))
-        spa_model = spa_stack(base, shape, masks, generator)
+        base, spa_model, masks, tokens, labels = build_spa(shape, density)
         compact = compacted_stack(spa_model)
         versions = {SPA: spa_model, COMPACTED: compact, SP_ADAPTERS: sp_adapters_stack(base, spa_model, shape, masks)}
         _check(SPA, spa_model, compact, tokens, device, dtype)
