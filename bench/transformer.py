@@ -8,6 +8,8 @@ weights and adapters:
 
 * ``spa_kernels``: ``spa_kernels.convert(model, rank)``, ``set_masks(head_mask=...)`` on
   each attention layer and the MLP channel masks on ``fc1``/``fc2``;
+* ``spa compact act.``: the same after ``spa_kernels.compact_activations(model, (tokens,))``:
+  the MLP's hidden activations carry only the active channels;
 * ``sp_adapters``: ``sp_adapters.SPLoRA(model, rank)``; its MLP channels masked by hooks
   (mask-based pruning); its attention reads merged weights inside torch's attention
   function, where no hook reaches, so it runs every head at every density;
@@ -45,6 +47,7 @@ from .shapes import DATA_SEED, MASK_SEED, format_keep
 from .timing import Measurement, measure_interleaved
 
 SPA = "spa_kernels"
+SPA_COMPACT = "spa compact act."
 FULL = "full fine-tune"
 DENSE_LORA = "dense LoRA"
 DENSITIES = (1.0, 0.5, 0.3)
@@ -54,6 +57,7 @@ FLOAT64_TOLERANCE = 1e-8
 RATIOS = (
     Ratio("sp_adapters ÷ spa", SP_ADAPTERS, SPA),
     Ratio("spa ÷ compacted", SPA, COMPACTED),
+    Ratio("compact act. ÷ compacted", SPA_COMPACT, COMPACTED),
     Ratio("full ÷ spa", FULL, SPA),
 )
 # CPU targets on the ViT-B/16 shape: (density, ratio header, comparison, limit).
@@ -322,6 +326,10 @@ class TransformerSuite:
             TargetResult("train step", 0.5, "sp_adapters ÷ spa", "≥", TARGET_SP_ADAPTERS,
                          ratio(0.5, SP_ADAPTERS, 0.5, SPA)),
             TargetResult("train step", 0.5, "spa ÷ compacted", "≤", TARGET_COMPACTED, ratio(0.5, SPA, 0.5, COMPACTED)),
+            TargetResult("train step", 0.5, "sp_adapters ÷ spa compact act.", "≥", TARGET_SP_ADAPTERS,
+                         ratio(0.5, SP_ADAPTERS, 0.5, SPA_COMPACT)),
+            TargetResult("train step", 0.5, "spa compact act. ÷ compacted", "≤", TARGET_COMPACTED,
+                         ratio(0.5, SPA_COMPACT, 0.5, COMPACTED)),
             TargetResult("train step", 0.3, "spa at 1.0 ÷ spa at 0.3", "≥", TARGET_DENSITY_SPEEDUP,
                          ratio(1.0, SPA, 0.3, SPA)),
         ]
@@ -333,8 +341,13 @@ class TransformerSuite:
         device, dtype = config.device, config.dtype
         base, spa_model, masks, tokens, labels = build_spa(shape, density)
         compact = compacted_stack(spa_model)
-        versions = {SPA: spa_model, COMPACTED: compact, SP_ADAPTERS: sp_adapters_stack(base, spa_model, shape, masks)}
+        # The same model with the MLP's hidden activations compacted (the attention core skips pruned heads
+        # either way; the residual stream feeds the plain head, so it stays whole).
+        compact_act = spa_kernels.compact_activations(copy.deepcopy(spa_model), (tokens,))
+        versions = {SPA: spa_model, SPA_COMPACT: compact_act, COMPACTED: compact,
+                    SP_ADAPTERS: sp_adapters_stack(base, spa_model, shape, masks)}
         _check(SPA, spa_model, compact, tokens, device, dtype)
+        _check(SPA_COMPACT, compact_act, compact, tokens, device, dtype)
         if density == 1.0:
             _check(SP_ADAPTERS, versions[SP_ADAPTERS], compact, tokens, device, dtype)
             full = copy.deepcopy(base).requires_grad_(True)
