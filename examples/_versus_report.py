@@ -1,13 +1,30 @@
-"""What :mod:`examples.spa_vs_finepruning` measures per run, and its table, plot and raw results."""
+"""What :mod:`examples.spa_vs_finepruning` measures per run, and its table, plot and raw results.
+
+The argument checks, the progress display, the timed run and the raw results file
+serve :mod:`examples.block_spa` too: both compare an adapter method with fine-pruning
+over seeds and densities the same way.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 SPLORA, FINE_PRUNING = "SPLoRA", "fine-pruning"
 METHODS = (SPLORA, FINE_PRUNING)
@@ -39,7 +56,7 @@ class Outcome:
         return self.stored_layers + self.stored_shared
 
 
-def _spread(values: Sequence[float]) -> float:
+def spread(values: Sequence[float]) -> float:
     """Sample standard deviation; 0 for a single value."""
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -73,8 +90,8 @@ def summarise(outcomes: Sequence[Outcome]) -> list[Summary]:
             sizes = [o.package_bytes for o in group if o.package_bytes is not None]
             summaries.append(Summary(
                 method, target, len(group), statistics.fmean(o.density for o in group),
-                statistics.fmean(o.accuracy for o in group), _spread([o.accuracy for o in group]),
-                statistics.fmean(o.stored for o in group), _spread([o.stored for o in group]),
+                statistics.fmean(o.accuracy for o in group), spread([o.accuracy for o in group]),
+                statistics.fmean(o.stored for o in group), spread([o.stored for o in group]),
                 statistics.fmean(o.stored_layers for o in group), statistics.fmean(o.stored_shared for o in group),
                 statistics.fmean(sizes) if sizes else None,
             ))
@@ -86,7 +103,7 @@ def _pair(summaries: Sequence[Summary], target: float) -> tuple[Summary, Summary
     return (found[SPLORA], found[FINE_PRUNING]) if SPLORA in found and FINE_PRUNING in found else None
 
 
-def _density_label(target: float) -> str:
+def density_label(target: float) -> str:
     return "1 (not pruned)" if target == 1.0 else f"{target:g}"
 
 
@@ -113,7 +130,7 @@ def write_table(outcomes: Sequence[Outcome], args: argparse.Namespace, seconds: 
     ]
     for s in summaries:
         package = f"{s.package_bytes:,.0f}" if s.package_bytes is not None else "—"
-        lines.append(f"| {s.method} | {_density_label(s.target)} | {s.density:.3f} | {s.accuracy:.2f} ± "
+        lines.append(f"| {s.method} | {density_label(s.target)} | {s.density:.3f} | {s.accuracy:.2f} ± "
                      f"{s.accuracy_std:.2f} | {s.stored:,.0f} | {s.stored_layers:,.0f} | {s.stored_shared:,.0f} "
                      f"| {package} |")
     lines += ["", "| target density | fine-pruning ÷ SPLoRA stored | same, converted layers only "
@@ -123,7 +140,7 @@ def write_table(outcomes: Sequence[Outcome], args: argparse.Namespace, seconds: 
         if pair is None:
             continue
         splora, fine = pair
-        lines.append(f"| {_density_label(target)} | {fine.stored / splora.stored:.2f}× | "
+        lines.append(f"| {density_label(target)} | {fine.stored / splora.stored:.2f}× | "
                      f"{fine.stored_layers / splora.stored_layers:.2f}× | {splora.accuracy - fine.accuracy:+.2f} |")
     pair = _pair(summaries, TARGET_DENSITY)
     if pair is not None:
@@ -164,7 +181,7 @@ def write_plot(outcomes: Sequence[Outcome], path: Path) -> None:
     ax.set_ylabel("test accuracy on digits 5-9 (%)")
     ax.set_title("SPLoRA vs fine-pruning: mean ± std over seeds")
     handles = [Line2D([], [], color=COLOURS[m], lw=2, label=m) for m in METHODS]
-    handles += [Line2D([], [], color="grey", ls="", marker=marker[t], label=f"density {_density_label(t)}")
+    handles += [Line2D([], [], color="grey", ls="", marker=marker[t], label=f"density {density_label(t)}")
                 for t in targets]
     ax.legend(handles=handles, fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, which="both")
@@ -175,3 +192,56 @@ def write_plot(outcomes: Sequence[Outcome], path: Path) -> None:
 def write_results(rows: list[dict], args: argparse.Namespace, seconds: float, path: Path) -> None:
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     path.write_text(json.dumps({"settings": settings, "seconds": seconds, "runs": rows}, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------- shared by the versus examples
+
+
+def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, counts: Sequence[str],
+                   learning_rates: Sequence[str]) -> None:
+    """Reject counts below 1, negative ``--tune-epochs``, densities outside (0, 1) and non-positive learning
+    rates through ``parser``; sort the densities densest first, without repeats."""
+    for name in counts:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.tune_epochs < 0:
+        parser.error("--tune-epochs must be at least 0")
+    if any(not 0.0 < density < 1.0 for density in args.densities):
+        parser.error("--densities must lie in (0, 1); the unpruned network (density 1) is always measured")
+    if any(getattr(args, name) <= 0 for name in learning_rates):
+        parser.error("learning rates must be positive")
+    args.densities = sorted(set(args.densities), reverse=True)
+
+
+def progress_display(console: Console | None, quiet: bool) -> Progress:
+    """A spinner, the current step, a bar and the steps done, silent when ``quiet``."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    return Progress(*columns, console=console, disable=quiet)
+
+
+def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace, Console], list],
+                   write_table: Callable[[list, argparse.Namespace, float, Path], None],
+                   write_plot: Callable[[list, Path], None], names: tuple[str, str, str]) -> list:
+    """``run(args, console)`` on ``args.threads`` torch threads, then the table, plot and raw results it names.
+
+    ``names`` are the table, plot and results file names inside ``args.out``; the
+    outcomes are dataclasses, written to the results one dictionary a run.
+    """
+    console = Console()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    try:
+        outcomes = run(args, console)
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.perf_counter() - started
+    table, plot, results = (args.out / name for name in names)
+    write_table(outcomes, args, seconds, table)
+    write_plot(outcomes, plot)
+    write_results([asdict(outcome) for outcome in outcomes], args, seconds, results)
+    if not args.quiet:
+        console.print(table.read_text(), markup=False, highlight=False)
+        console.print(f"wrote {table}, {plot} and {results}")
+    return outcomes

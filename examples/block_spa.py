@@ -49,27 +49,18 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
 import statistics
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from torch import Tensor, nn
 
 import spa_kernels
 from examples._digits import PRETRAIN_CLASSES, TASK_CLASSES, Split, accuracy, digits_split, train
+from examples._versus_report import check_run_args, density_label, progress_display, run_and_report, spread
 from spa_kernels.pruning.block_pruning import iterative_block_prune, splopa_layers
 from spa_kernels.pruning.package import load_task, save_task, task_size
 
@@ -104,19 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default examples/out)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
-    for name in ("seeds", "epochs", "rounds", "pretrain_epochs", "width", "depth", "block", "prototypes",
-                 "prototype_rank", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.tune_epochs < 0:
-        parser.error("--tune-epochs must be at least 0")
-    if any(not 0.0 < density < 1.0 for density in args.densities):
-        parser.error("--densities must lie in (0, 1); the unpruned network (density 1) is always measured")
-    if args.lr_splopa <= 0 or args.lr_fine_pruning <= 0:
-        parser.error("learning rates must be positive")
+    check_run_args(parser, args, ("seeds", "epochs", "rounds", "pretrain_epochs", "width", "depth", "block",
+                                  "prototypes", "prototype_rank", "threads"), ("lr_splopa", "lr_fine_pruning"))
     if args.width % args.block or args.width % 4:
         parser.error("--block must divide --width, and --width must be a multiple of 4 (the attention heads)")
-    args.densities = sorted(set(args.densities), reverse=True)
     return args
 
 
@@ -329,10 +311,8 @@ def run_seed(args: argparse.Namespace, seed: int, step) -> list[Outcome]:
 def run(args: argparse.Namespace, console: Console | None = None) -> list[Outcome]:
     args.out.mkdir(parents=True, exist_ok=True)
     steps_per_seed = 3 + 2 * len(args.densities)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
     outcomes: list[Outcome] = []
-    with Progress(*columns, console=console, disable=args.quiet) as progress:
+    with progress_display(console, args.quiet) as progress:
         overall = progress.add_task("starting", total=steps_per_seed * args.seeds)
         started = [False]
 
@@ -380,14 +360,10 @@ def summarise(outcomes: list[Outcome]) -> list[Summary]:
             accuracies = [o.accuracy for o in group]
             summaries.append(Summary(
                 method, target, len(group), statistics.fmean(o.density for o in group), statistics.fmean(accuracies),
-                statistics.stdev(accuracies) if len(group) > 1 else 0.0,
+                spread(accuracies),
                 statistics.fmean(o.stored_bytes for o in group), _mean_or_none([o.deflated_bytes for o in group]),
                 _mean_or_none([o.active_bytes for o in group])))
     return summaries
-
-
-def _label(target: float) -> str:
-    return "1 (not pruned)" if target == 1.0 else f"{target:g}"
 
 
 def _bytes(value: float | None) -> str:
@@ -416,7 +392,7 @@ def write_table(outcomes: list[Outcome], args: argparse.Namespace, seconds: floa
     ]
     for s in summaries:
         extra = s.deflated_bytes if s.method == SPLOPA else s.active_bytes
-        lines.append(f"| {s.method} | {_label(s.target)} | {s.density:.3f} | {s.accuracy:.2f} ± {s.accuracy_std:.2f} "
+        lines.append(f"| {s.method} | {density_label(s.target)} | {s.density:.3f} | {s.accuracy:.2f} ± {s.accuracy_std:.2f} "
                      f"| {_bytes(s.stored_bytes)} | {_bytes(extra)} |")
     lines += ["", "| target density | fine-pruning ÷ SPLoPA bytes | accuracy SPLoPA − fine-pruning (points) |",
               "|---|---|---|"]
@@ -424,7 +400,7 @@ def write_table(outcomes: list[Outcome], args: argparse.Namespace, seconds: floa
         pair = {s.method: s for s in summaries if s.target == target}
         if SPLOPA in pair and FINE_PRUNING in pair:
             ratio = pair[FINE_PRUNING].stored_bytes / pair[SPLOPA].stored_bytes
-            lines.append(f"| {_label(target)} | {ratio:.1f}× | "
+            lines.append(f"| {density_label(target)} | {ratio:.1f}× | "
                          f"{pair[SPLOPA].accuracy - pair[FINE_PRUNING].accuracy:+.2f} |")
     lines += ["", f"{seconds:.0f} s in all.", ""]
     path.write_text("\n".join(lines))
@@ -465,31 +441,8 @@ def write_plot(outcomes: list[Outcome], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def write_results(outcomes: list[Outcome], args: argparse.Namespace, seconds: float, path: Path) -> None:
-    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    runs = [asdict(outcome) for outcome in outcomes]
-    path.write_text(json.dumps({"settings": settings, "seconds": seconds, "runs": runs}, indent=1) + "\n")
-
-
 def main(argv: list[str] | None = None) -> list[Outcome]:
-    args = parse_args(argv)
-    console = Console()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    try:
-        outcomes = run(args, console)
-    finally:
-        torch.set_num_threads(threads)
-    seconds = time.perf_counter() - started
-    table, plot, results = args.out / TABLE_NAME, args.out / PLOT_NAME, args.out / RESULTS_NAME
-    write_table(outcomes, args, seconds, table)
-    write_plot(outcomes, plot)
-    write_results(outcomes, args, seconds, results)
-    if not args.quiet:
-        console.print(table.read_text(), markup=False, highlight=False)
-        console.print(f"wrote {table}, {plot} and {results}")
-    return outcomes
+    return run_and_report(parse_args(argv), run, write_table, write_plot, (TABLE_NAME, PLOT_NAME, RESULTS_NAME))
 
 
 if __name__ == "__main__":

@@ -63,21 +63,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from torch import nn
 
 import spa_kernels
@@ -100,8 +90,10 @@ from examples._versus_report import (
     SPLORA,
     TABLE_NAME,
     Outcome,
+    check_run_args,
+    progress_display,
+    run_and_report,
     write_plot,
-    write_results,
     write_table,
 )
 from spa_kernels.pruning._layers import spa_layers
@@ -137,18 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default examples/out)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
-    for name in ("seeds", "epochs", "rounds", "pretrain_epochs", "rank", "width", "blocks"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.tune_epochs < 0:
-        parser.error("--tune-epochs must be at least 0")
-    if any(not 0.0 < density < 1.0 for density in args.densities):
-        parser.error("--densities must lie in (0, 1); the unpruned network (density 1) is always measured")
-    if args.lr_splora <= 0 or args.lr_fine_pruning <= 0:
-        parser.error("learning rates must be positive")
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
-    args.densities = sorted(set(args.densities), reverse=True)
+    check_run_args(parser, args, ("seeds", "epochs", "rounds", "pretrain_epochs", "rank", "width", "blocks",
+                                  "threads"), ("lr_splora", "lr_fine_pruning"))
     return args
 
 
@@ -278,9 +260,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> list[Outcom
     args.out.mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     steps_per_seed = 1 + len(METHODS) * (1 + len(args.densities) * args.rounds)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=args.quiet) as progress:
+    with progress_display(console, args.quiet) as progress:
         overall = progress.add_task("starting", total=steps_per_seed * args.seeds)
 
         def step(description: str) -> None:
@@ -314,24 +294,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> list[Outcom
 
 
 def main(argv: list[str] | None = None) -> list[Outcome]:
-    args = parse_args(argv)
-    console = Console()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    try:
-        outcomes = run(args, console)
-    finally:
-        torch.set_num_threads(threads)
-    seconds = time.perf_counter() - started
-    table, plot, results = args.out / TABLE_NAME, args.out / PLOT_NAME, args.out / RESULTS_NAME
-    write_table(outcomes, args, seconds, table)
-    write_plot(outcomes, plot)
-    write_results([asdict(outcome) for outcome in outcomes], args, seconds, results)
-    if not args.quiet:
-        console.print(table.read_text(), markup=False, highlight=False)
-        console.print(f"wrote {table}, {plot} and {results}")
-    return outcomes
+    return run_and_report(parse_args(argv), run, write_table, write_plot, (TABLE_NAME, PLOT_NAME, RESULTS_NAME))
 
 
 if __name__ == "__main__":
