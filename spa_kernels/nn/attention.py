@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_mask
+from .attention_core import additive_masks, attend, check_attention_inputs, mean_over_heads, with_batch_dim
 from .channel_masked import indices_from_mask
 from .linear import DEFAULT_INIT_RANGE, DEFAULT_RANK, SPLoRALinear
 
@@ -28,62 +27,6 @@ def _positive_int(value: object, name: str) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
     return int(value)
-
-
-def _additive_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
-    """A bool mask (True = may not attend) as ``0``/``-inf``; a float mask as it is."""
-    if mask is None:
-        return None
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a tensor or None, got {type(mask).__name__}")
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    if not mask.is_floating_point():
-        raise TypeError(f"{name} must be a bool or floating-point tensor, got dtype {mask.dtype}")
-    return mask.to(dtype)
-
-
-def check_attention_inputs(
-    owner: nn.Module, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
-    attn_mask: Tensor | None, mask_heads: tuple[int, ...],
-) -> bool:
-    """Check an attention forward's inputs against ``owner``'s widths and layout; whether they are batched.
-
-    ``owner`` has ``embed_dim``, ``kdim``, ``vdim`` and ``batch_first``; a 3-D ``attn_mask``
-    may hold ``batch·h`` planes for any ``h`` in ``mask_heads``.
-    """
-    for tensor, name in ((query, "query"), (key, "key"), (value, "value")):
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.is_nested:
-            raise ValueError(f"{name} is a nested tensor, which {type(owner).__name__} does not accept")
-    if query.dim() not in (2, 3):
-        raise ValueError(f"query must be 2-D (unbatched) or 3-D (batched), got shape {tuple(query.shape)}")
-    batched = query.dim() == 3
-    for tensor, name, width in ((query, "query", owner.embed_dim), (key, "key", owner.kdim), (value, "value", owner.vdim)):
-        if tensor.dim() != query.dim():
-            raise ValueError(f"{name} must be {query.dim()}-D like query, got shape {tuple(tensor.shape)}")
-        if tensor.shape[-1] != width:
-            raise ValueError(f"{name} must have {width} features in its last dimension, got shape {tuple(tensor.shape)}")
-    if key.shape[:-1] != value.shape[:-1]:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in all but the last dimension")
-    batch_dim = 0 if owner.batch_first else 1
-    if batched and query.shape[batch_dim] != key.shape[batch_dim]:
-        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} have different batch sizes")
-    seq_dim = 1 - batch_dim if batched else 0
-    target, source = query.shape[seq_dim], key.shape[seq_dim]
-    batch = query.shape[batch_dim] if batched else 1
-    if key_padding_mask is not None:
-        expected = (batch, source) if batched else (source,)
-        if not isinstance(key_padding_mask, Tensor) or tuple(key_padding_mask.shape) != expected:
-            got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, Tensor) else key_padding_mask
-            raise ValueError(f"key_padding_mask must have shape {expected}, got {got}")
-    if attn_mask is not None:
-        expected = ((target, source), *((batch * heads, target, source) for heads in dict.fromkeys(mask_heads)))
-        if not isinstance(attn_mask, Tensor) or tuple(attn_mask.shape) not in expected:
-            got = tuple(attn_mask.shape) if isinstance(attn_mask, Tensor) else attn_mask
-            raise ValueError(f"attn_mask must have shape {' or '.join(map(str, expected))}, got {got}")
-    return batched
 
 
 class SPLoRAMultiheadAttention(nn.Module):
@@ -346,16 +289,10 @@ class SPLoRAMultiheadAttention(nn.Module):
             head is pruned).  Unbatched input drops ``N``.
         """
         batched = check_attention_inputs(self, query, key, value, key_padding_mask, attn_mask, (self.num_heads,))
-        if not batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
+        query, key, value, key_padding_mask = with_batch_dim(batched, query, key, value, key_padding_mask)
         batch_first = self.batch_first or not batched
-        key_padding_mask = _additive_mask(key_padding_mask, "key_padding_mask", query.dtype)
-        if is_causal and attn_mask is None:
-            raise ValueError("is_causal=True is a hint that attn_mask is causal; attn_mask must be given too")
-        causal_core = is_causal and key_padding_mask is None and not need_weights
-        attn_mask = None if causal_core else _additive_mask(attn_mask, "attn_mask", query.dtype)
+        key_padding_mask, attn_mask, causal_core = additive_masks(key_padding_mask, attn_mask, is_causal,
+                                                                  need_weights, query.dtype)
 
         bias_q = bias_k = bias_v = None
         if self.in_proj_bias is not None:
@@ -371,38 +308,19 @@ class SPLoRAMultiheadAttention(nn.Module):
         source = k.shape[2]
         k, v = self._append_extra_keys(k, v)
 
-        mask = None
         if attn_mask is not None:
             if attn_mask.dim() == 2:
-                mask = attn_mask.view(1, 1, target, source)
+                attn_mask = attn_mask.view(1, 1, target, source)
             else:
-                mask = attn_mask.view(batch, self.num_heads, target, source)
+                attn_mask = attn_mask.view(batch, self.num_heads, target, source)
                 if self.head_idx is not None:
-                    mask = mask.index_select(1, self.head_idx)
-        if key_padding_mask is not None:
-            padding = key_padding_mask.view(batch, 1, 1, source)
-            mask = padding if mask is None else mask + padding
-        if mask is not None and k.shape[2] > source:  # the appended keys may always be attended
-            mask = F.pad(mask, (0, k.shape[2] - source))
+                    attn_mask = attn_mask.index_select(1, self.head_idx)
         dropout = self.dropout if self.training else 0.0
+        heads_out, weights = attend(q, k, v, attn_mask, key_padding_mask, source, dropout, causal=causal_core,
+                                    need_weights=need_weights, batch_first=batch_first)
 
-        weights = None
-        if need_weights:
-            scores = torch.matmul(q * (1.0 / math.sqrt(self.head_dim)), k.transpose(-2, -1))
-            if mask is not None:
-                scores = scores + mask
-            weights = torch.softmax(scores, dim=-1)
-            if dropout > 0.0:
-                weights = F.dropout(weights, p=dropout)
-            heads_out = torch.matmul(weights, v)
-        else:
-            heads_out = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal_core)
-
-        # (N, heads, L, d) -> the caller's layout, (N, L, heads, d) or (L, N, heads, d), so that
-        # the output comes out contiguous; then full width with zeros at pruned heads (out_proj's
-        # in index list skips them, but its input must be embed_dim wide).
-        heads_out = heads_out.permute(0, 2, 1, 3) if batch_first else heads_out.permute(2, 0, 1, 3)
-        heads_out = heads_out.to(q.dtype)  # autocast may run the core in lower precision than the layers
+        # Full width with zeros at pruned heads (out_proj's in index list skips them, but its
+        # input must be embed_dim wide).
         if self.head_idx is not None:
             full = heads_out.new_zeros(*heads_out.shape[:2], self.num_heads, self.head_dim)
             heads_out = full.index_copy(2, self.head_idx, heads_out)
@@ -419,9 +337,7 @@ class SPLoRAMultiheadAttention(nn.Module):
     def _report_weights(self, weights: Tensor, average: bool) -> Tensor:
         """``(N, active heads, L, S)`` → per head with zeros at pruned heads, or the active heads' mean."""
         if average:
-            if weights.shape[1] == 0:  # every head pruned: nothing attends
-                return weights.new_zeros(weights.shape[0], *weights.shape[2:])
-            return weights.mean(dim=1)
+            return mean_over_heads(weights)
         if self.head_idx is None:
             return weights
         full = weights.new_zeros(weights.shape[0], self.num_heads, *weights.shape[2:])

@@ -14,15 +14,14 @@ pruned heads (:meth:`PrunedHeadsAttention.from_module`).
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import SPLoRAMultiheadAttention, _additive_mask, _positive_int, check_attention_inputs
+from .attention import SPLoRAMultiheadAttention, _positive_int
+from .attention_core import additive_masks, attend, check_attention_inputs, mean_over_heads, with_batch_dim
 
 
 def _kept_heads(kept_heads: Tensor | Sequence[int], num_heads: int, device) -> Tensor:
@@ -199,23 +198,14 @@ class PrunedHeadsAttention(nn.Module):
             key, value = torch.cat([key, key.new_zeros(shape)], dim=2), torch.cat([value, value.new_zeros(shape)], dim=2)
         return key, value
 
-    def _score_mask(self, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
-                    batch: int, target: int, source: int, keys: int) -> Tensor | None:
-        """The additive ``(N|1, heads|1, L, keys)`` mask of the kept heads, or None."""
-        mask = None
-        if attn_mask is not None:
-            if attn_mask.dim() == 2:
-                mask = attn_mask.view(1, 1, target, source)
-            elif attn_mask.shape[0] == batch * self.num_heads:
-                mask = attn_mask.view(batch, self.num_heads, target, source)
-            else:  # one plane per head of the unpruned layer: the kept heads' planes
-                mask = attn_mask.view(batch, self.unpruned_num_heads, target, source).index_select(1, self.kept_heads)
-        if key_padding_mask is not None:
-            padding = key_padding_mask.view(batch, 1, 1, source)
-            mask = padding if mask is None else mask + padding
-        if mask is not None and keys > source:  # the appended keys may always be attended
-            mask = F.pad(mask, (0, keys - source))
-        return mask
+    def _head_planes(self, attn_mask: Tensor | None, batch: int, target: int, source: int) -> Tensor | None:
+        """The additive ``attn_mask`` as ``(N|1, heads|1, L, S)`` planes of the kept heads, or None."""
+        if attn_mask is None or attn_mask.dim() == 2:
+            return None if attn_mask is None else attn_mask.view(1, 1, target, source)
+        if attn_mask.shape[0] == batch * self.num_heads:
+            return attn_mask.view(batch, self.num_heads, target, source)
+        # one plane per head of the unpruned layer: the kept heads' planes
+        return attn_mask.view(batch, self.unpruned_num_heads, target, source).index_select(1, self.kept_heads)
 
     def forward(
         self,
@@ -245,50 +235,27 @@ class PrunedHeadsAttention(nn.Module):
         """
         mask_heads = (self.unpruned_num_heads, self.num_heads)
         batched = check_attention_inputs(self, query, key, value, key_padding_mask, attn_mask, mask_heads)
-        if not batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
+        query, key, value, key_padding_mask = with_batch_dim(batched, query, key, value, key_padding_mask)
+        if batched and not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        if is_causal and attn_mask is None:
-            raise ValueError("is_causal=True is a hint that attn_mask is causal; attn_mask must be given too")
 
         q, k, v = self._split_heads(self.q_proj(query)), self._split_heads(self.k_proj(key)), self._split_heads(self.v_proj(value))
         batch, _, target, _ = q.shape
         source = k.shape[2]
         k, v = self._append_extra_keys(k, v)
         # Masks in the projections' dtype (lower than the input's under autocast), as the core needs.
-        key_padding_mask = _additive_mask(key_padding_mask, "key_padding_mask", q.dtype)
-        causal_core = is_causal and key_padding_mask is None and not need_weights
-        attn_mask = None if causal_core else _additive_mask(attn_mask, "attn_mask", q.dtype)
-        mask = self._score_mask(attn_mask, key_padding_mask, batch, target, source, k.shape[2])
+        key_padding_mask, attn_mask, causal_core = additive_masks(key_padding_mask, attn_mask, is_causal,
+                                                                  need_weights, q.dtype)
+        attn_mask = self._head_planes(attn_mask, batch, target, source)
         dropout = self.dropout if self.training else 0.0
-        scale = 1.0 / math.sqrt(self.head_dim)
-
-        weights = None
-        if need_weights:
-            scores = torch.matmul(q * scale, k.transpose(-2, -1))
-            if mask is not None:
-                scores = scores + mask
-            weights = torch.softmax(scores, dim=-1)
-            if dropout > 0.0:
-                weights = F.dropout(weights, p=dropout)
-            heads_out = torch.matmul(weights, v)
-        elif self.num_heads == 0:  # nothing to attend with; the core's kernels may refuse empty heads
-            heads_out = q.new_zeros(batch, 0, target, self.head_dim)
-        else:
-            heads_out = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal_core, scale=scale)
-
-        # (N, heads, L, d) -> the caller's layout, so that the output comes out contiguous.
-        heads_out = heads_out.permute(0, 2, 1, 3) if self.batch_first or not batched else heads_out.permute(2, 0, 1, 3)
-        heads_out = heads_out.to(q.dtype)  # autocast may run the core in a lower precision than the layers
+        heads_out, weights = attend(q, k, v, attn_mask, key_padding_mask, source, dropout, causal=causal_core,
+                                    need_weights=need_weights, batch_first=self.batch_first or not batched)
         output = self.out_proj(heads_out.reshape(*heads_out.shape[:2], self.num_heads * self.head_dim))
         if not batched:
             output = output.squeeze(0)
         if need_weights:
             if average_attn_weights:
-                weights = weights.mean(dim=1) if self.num_heads else weights.new_zeros(batch, *weights.shape[2:])
+                weights = mean_over_heads(weights)
             if not batched:
                 weights = weights.squeeze(0)
         return output, weights
