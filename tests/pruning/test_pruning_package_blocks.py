@@ -2,7 +2,7 @@
 
 Expected states are built here from the saved model by hand (the position weights of
 pruned blocks zeroed with boolean indexing), never by reading a package back.  The
-byte functions (``read_parts``, ``reseal``) decode and re-seal packages by the
+byte functions of ``support.package_bytes`` decode and re-seal packages by the
 documented layout, independently of spa_kernels.
 """
 
@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from test_pruning_package import ALIGN, DIGEST, PREFIX, read_parts, reseal
+from support.package_bytes import ALIGN, DIGEST, PREFIX, doctored_header, read_parts, reseal
 from torch import nn
 
 import spa_kernels
@@ -356,11 +356,7 @@ def package() -> tuple[nn.Module, bytes]:
     return base, save_to_bytes(randomise_task(splopa_model(base), seed=41))
 
 
-def doctored(data: bytes, change) -> bytes:
-    header, payload = read_parts(data)
-    header = json.loads(header)
-    change(header)
-    return reseal(header, payload)
+
 
 
 def block(header: dict, name: str) -> dict:
@@ -416,7 +412,7 @@ def test_bad_package_is_refused_and_model_unchanged(package, case):
     model = randomise_task(splopa_model(base), seed=42)
     before = snapshot(model)
     with pytest.raises(ValueError, match=message):
-        load_task(model, io.BytesIO(doctored(data, change)))
+        load_task(model, io.BytesIO(doctored_header(data, change)))
     assert_unchanged(model, before)
 
 
