@@ -307,7 +307,7 @@ def compile_every_conv_kernel_for_gpu(capabilities: tuple[int, ...]) -> None:
     Small tiles keep compile time down: the code paths, not the tile sizes, are
     what can fail to lower.
     """
-    from spa_kernels.backend.triton import conv, conv_backward
+    from spa_kernels.backend.triton import conv, conv_backward, linear
 
     assert not conv.INTERPRETED, "kernels were decorated for the interpreter"
 
@@ -315,8 +315,8 @@ def compile_every_conv_kernel_for_gpu(capabilities: tuple[int, ...]) -> None:
         compile_for_gpu(kernel, pointer_dtypes, constexprs, config, capability, ones=ones)
 
     common = {"INPUT_PRECISION": "ieee", "IN_INTERPRETER": False}
-    gemm_config = conv.autotune_config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 3)
-    weight_grad_config = conv.autotune_config({"BLOCK_LEFT": 32, "BLOCK_RIGHT": 16, "BLOCK_M": 32}, 4, 3)
+    gemm_config = linear.autotune_config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 3)
+    weight_grad_config = linear.autotune_config({"BLOCK_LEFT": 32, "BLOCK_RIGHT": 16, "BLOCK_M": 32}, 4, 3)
     conv2d_unit_dims = ("OUT_D", "SRC_D", "KERNEL_D", "CONV_STRIDE_D", "DIL_D", "stride_src_w", "stride_out_w")
     for capability in capabilities:
         for transposed in (False, True):

@@ -21,7 +21,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.linear_cases import LOW_PRECISION, check_results
+from support.linear_cases import GRAD_NAMES, LOW_PRECISION, check_only_asked, check_results
 from support.triton_support import (
     compile_for_gpu,
     has_nvidia_compiler,
@@ -40,7 +40,6 @@ CUDA_RUNS = torch.cuda.is_available() and triton_backend.is_available("cuda", No
 needs_interpreter = pytest.mark.skipif(not CPU_RUNS, reason="needs TRITON_INTERPRET=1 set before Triton's import")
 needs_cuda = pytest.mark.skipif(not CUDA_RUNS, reason="needs a CUDA GPU")
 
-NAMES = ("x", "weight", "lora_a", "lora_b", "bias")
 
 
 # --------------------------------------------------------------------------- cases
@@ -250,11 +249,7 @@ def test_backward_returns_only_what_is_asked(output_mask):
     args = (case.grad_out, t["x"], t["weight"], t["lora_a"], t["lora_b"], case.in_idx, case.out_idx, 0.5)
     got = triton_backend.splora_linear_backward(*args, output_mask)
     expected = spa_kernels.backend.reference.splora_linear_backward(*args, output_mask)
-    for name, want, g, e in zip(NAMES, output_mask, got, expected, strict=True):
-        if not want:
-            assert g is None, f"{name} gradient computed although not asked for"
-            continue
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    check_only_asked(GRAD_NAMES, output_mask, got, expected)
 
 
 @needs_interpreter

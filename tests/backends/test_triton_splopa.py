@@ -16,7 +16,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.splopa_cases import SPLoPASpec, build_case, check_against_oracle
+from support.linear_cases import check_only_asked
+from support.splopa_cases import GRAD_NAMES, SPLoPASpec, build_case, check_against_oracle
 from support.triton_support import compile_for_gpu, has_nvidia_compiler, run_without_interpreter
 
 import spa_kernels
@@ -29,13 +30,12 @@ CUDA_RUNS = torch.cuda.is_available() and triton_backend.is_available("cuda", No
 needs_interpreter = pytest.mark.skipif(not CPU_RUNS, reason="needs TRITON_INTERPRET=1 set before Triton's import")
 needs_cuda = pytest.mark.skipif(not CUDA_RUNS, reason="needs a CUDA GPU")
 
-GRADIENTS = ("x", "weight", "prototype_rows", "prototype_cols", "pos_weights", "bias")
 
 
 def _operands(spec: SPLoPASpec, seed: int = 0):
     case = build_case(spec, seed)
     leaves = case.leaves(torch.float32)
-    x, weight, rows, cols, pos_weights, _ = (None if leaves[n] is None else leaves[n].detach() for n in GRADIENTS)
+    x, weight, rows, cols, pos_weights, _ = (None if leaves[n] is None else leaves[n].detach() for n in GRAD_NAMES)
     grad_out = torch.randn(x.shape[0], weight.shape[0], generator=torch.Generator().manual_seed(seed + 1))
     return case, (grad_out, x, weight, rows, cols, pos_weights, case.block_mask)
 
@@ -77,11 +77,7 @@ def test_backward_returns_only_what_is_asked(output_mask):
     _, args = _operands(SPLoPASpec(lead=(11,), block_shape=(4, 4), block_rows=4, block_cols=5))
     got = triton_backend.splopa_linear_backward(*args, 0.7, output_mask)
     expected = spa_kernels.backend.reference.splopa_linear_backward(*args, 0.7, output_mask)
-    for name, want, g, e in zip(GRADIENTS, output_mask, got, expected, strict=True):
-        if not want:
-            assert g is None, f"{name} gradient computed although not asked for"
-            continue
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    check_only_asked(GRAD_NAMES, output_mask, got, expected)
 
 
 @needs_interpreter

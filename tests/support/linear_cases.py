@@ -414,6 +414,15 @@ def _largest(t: Tensor) -> float:
     return float(t.abs().max()) if t.numel() else 0.0
 
 
+def check_only_asked(names: tuple[str, ...], output_mask, got, expected, tolerance: float = 1e-5) -> None:
+    """A backward's gradients: ``None`` where ``output_mask`` did not ask, close to ``expected`` where it did."""
+    for name, want, g, e in zip(names, output_mask, got, expected, strict=True):
+        if not want:
+            assert g is None, f"{name} gradient computed although not asked for"
+            continue
+        torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def check_results(
     name: str,
     actual: dict[str, Tensor | None],

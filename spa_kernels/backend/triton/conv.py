@@ -69,7 +69,6 @@ from .linear import (
     INTERPRETED,
     active_columns,
     active_count,
-    autotune_config,
     dot_precision,
     index_list,
     mma,
@@ -78,17 +77,12 @@ from .linear import (
     prune_configs,
     rank_block,
     round_to,
+    tile_configs,
     tile_coordinates,
 )
 
 
 def _implicit_gemm_configs() -> list[triton.Config]:
-    if INTERPRETED:
-        # One small config.  The interpreter allows dots narrower than 16, so
-        # 8-wide channel blocks make the tests' tiny channel counts span several
-        # blocks with ragged tails; rows (batch × positions) are many, and each
-        # program costs interpreter time, hence 32.
-        return [autotune_config({"BLOCK_M": 32, "BLOCK_N": 8, "BLOCK_K": 8}, 1, 1)]
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).  The K loop runs per tap over
     # the active channels, so K blocks stay at 32–64; the narrow-N configs are
     # for the rank-r pre-pass and small |O|.
@@ -102,7 +96,11 @@ def _implicit_gemm_configs() -> list[triton.Config]:
         (128, 32, 64, 4, 3),
         (64, 16, 64, 4, 3),
     ]
-    return [autotune_config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, s) for m, n, k, w, s in shapes]
+    # In the interpreter, one small config.  It allows dots narrower than 16, so
+    # 8-wide channel blocks make the tests' tiny channel counts span several
+    # blocks with ragged tails; rows (batch × positions) are many, and each
+    # program costs interpreter time, hence 32.
+    return tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), shapes, interpreted=(32, 8, 8))
 
 
 # ---------------------------------------------------------------------------- helpers

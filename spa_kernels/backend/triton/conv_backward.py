@@ -43,7 +43,6 @@ from .linear import (
     INTERPRETED,
     active_columns,
     active_count,
-    autotune_config,
     dot_precision,
     index_list,
     mma,
@@ -51,14 +50,12 @@ from .linear import (
     on_device,
     prune_configs,
     round_to,
+    tile_configs,
     tile_coordinates,
 )
 
 
 def _weight_grad_configs() -> list[triton.Config]:
-    if INTERPRETED:
-        # 8-wide channel blocks and 32-row steps, as for the implicit GEMM.
-        return [autotune_config({"BLOCK_LEFT": 8, "BLOCK_RIGHT": 8, "BLOCK_M": 32}, 1, 1)]
     # (BLOCK_LEFT, BLOCK_RIGHT, BLOCK_M, warps, stages): square tiles for dW and
     # dP, narrow ones for dA and dB, whose right (or left) side is rank-r wide.
     shapes = [
@@ -72,7 +69,8 @@ def _weight_grad_configs() -> list[triton.Config]:
         (64, 16, 128, 4, 3),
         (16, 64, 128, 4, 3),
     ]
-    return [autotune_config({"BLOCK_LEFT": i, "BLOCK_RIGHT": j, "BLOCK_M": m}, w, s) for i, j, m, w, s in shapes]
+    # In the interpreter, 8-wide channel blocks and 32-row steps, as for the implicit GEMM.
+    return tile_configs(("BLOCK_LEFT", "BLOCK_RIGHT", "BLOCK_M"), shapes, interpreted=(8, 8, 32))
 
 
 # Channel sums read dy once and do no math worth tiling for.

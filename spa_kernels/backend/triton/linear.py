@@ -77,11 +77,20 @@ def autotune_config(blocks: dict[str, int], warps: int, stages: int) -> triton.C
     return triton.Config(blocks, num_warps=warps, num_stages=stages)
 
 
-def _matmul_configs() -> list[triton.Config]:
+def tile_configs(names: tuple[str, ...], shapes: list[tuple[int, ...]],
+                 interpreted: tuple[int, ...]) -> list[triton.Config]:
+    """Autotune configs of the blocks ``names``, one per row ``(*block sizes, warps, stages)`` of ``shapes``.
+
+    In the interpreter, the single config of ``interpreted`` block sizes (one warp,
+    one stage): there is nothing to tune on a CPU, and small tiles make the tests'
+    small shapes span several tiles with ragged tails.
+    """
     if INTERPRETED:
-        # One small config: nothing to tune on a CPU, and 16-wide tiles make the
-        # tests' small shapes span several tiles with ragged tails.
-        return [autotune_config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, 1, 1)]
+        return [autotune_config(dict(zip(names, interpreted, strict=True)), 1, 1)]
+    return [autotune_config(dict(zip(names, row[:-2], strict=True)), *row[-2:]) for row in shapes]
+
+
+def _matmul_configs() -> list[triton.Config]:
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).  The first two need ~150 KB of
     # shared memory in bf16 (Hopper, A100); older GPUs reject them while tuning
     # (OutOfResources is skipped by the autotuner) and use the smaller ones.
@@ -95,16 +104,14 @@ def _matmul_configs() -> list[triton.Config]:
         (64, 64, 64, 4, 3),
         (32, 64, 64, 2, 4),  # decode-sized batches
     ]
-    return [autotune_config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, s) for m, n, k, w, s in shapes]
+    return tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), shapes, interpreted=(16, 16, 16))
 
 
 def _rank_product_configs() -> list[triton.Config]:
-    if INTERPRETED:
-        return [autotune_config({"BLOCK_M": 16, "BLOCK_K": 16}, 1, 1)]
     # The pre-pass streams lhs once and is memory bound: small row tiles give
     # enough programs to keep every SM loading.
     shapes = [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (16, 128, 2, 4)]
-    return [autotune_config({"BLOCK_M": m, "BLOCK_K": k}, w, s) for m, k, w, s in shapes]
+    return tile_configs(("BLOCK_M", "BLOCK_K"), shapes, interpreted=(16, 16))
 
 
 def prune_configs(sizes: dict[str, str]):

@@ -36,7 +36,6 @@ from .linear import (
     MIN_BLOCK,
     active_columns,
     active_count,
-    autotune_config,
     check_linear_operands,
     dot_precision,
     gathered_matmul,
@@ -47,13 +46,12 @@ from .linear import (
     prune_configs,
     rank_product,
     round_to,
+    tile_configs,
     tile_coordinates,
 )
 
 
 def _tn_configs() -> list[triton.Config]:
-    if INTERPRETED:
-        return [autotune_config({"BLOCK_LEFT": 16, "BLOCK_RIGHT": 16, "BLOCK_M": 16}, 1, 1)]
     # (BLOCK_LEFT, BLOCK_RIGHT, BLOCK_M, warps, stages): square tiles for dW,
     # narrow right blocks for dA and dB, whose right operand is rank-r wide.
     shapes = [
@@ -67,7 +65,7 @@ def _tn_configs() -> list[triton.Config]:
         (64, 16, 128, 4, 3),
         (32, 16, 128, 2, 4),
     ]
-    return [autotune_config({"BLOCK_LEFT": i, "BLOCK_RIGHT": j, "BLOCK_M": m}, w, s) for i, j, m, w, s in shapes]
+    return tile_configs(("BLOCK_LEFT", "BLOCK_RIGHT", "BLOCK_M"), shapes, interpreted=(16, 16, 16))
 
 
 # Column sums read dy once and do no math worth tiling for.

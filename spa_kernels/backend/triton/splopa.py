@@ -53,23 +53,18 @@ from ..._block_validation import check_splopa_linear_args
 from .linear import (
     GROUP_M,
     INTERPRETED,
-    MAX_RANK_BLOCK,
-    MIN_BLOCK,
-    autotune_config,
     dot_precision,
     mma,
     on_device,
     prune_configs,
+    rank_block,
     round_to,
+    tile_configs,
     tile_coordinates,
 )
 
 
 def _block_matmul_configs() -> list[triton.Config]:
-    if INTERPRETED:
-        # One small config: the tests' 4- and 8-wide blocks then pack several
-        # blocks per K-step and several row tiles per group.
-        return [autotune_config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, 1, 1)]
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).  BLOCK_N tiles one block's
     # height (p, or q for dx), so narrow tiles are kept for 16- and 32-high blocks.
     shapes = [
@@ -83,14 +78,9 @@ def _block_matmul_configs() -> list[triton.Config]:
         (32, 64, 32, 2, 4),  # decode-sized batches
         (16, 32, 64, 2, 4),
     ]
-    return [autotune_config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, s) for m, n, k, w, s in shapes]
-
-
-def prototype_rank_block(ranks: int) -> int:
-    """Prototype ranks (K·r) per block of the in-register ΔW product (a compile-time constant)."""
-    if INTERPRETED:
-        return MIN_BLOCK
-    return min(max(MIN_BLOCK, triton.next_power_of_2(ranks)), MAX_RANK_BLOCK)
+    # In the interpreter, one small config: the tests' 4- and 8-wide blocks pack several
+    # blocks per K-step and several row tiles per group.
+    return tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), shapes, interpreted=(16, 16, 16))
 
 
 # ---------------------------------------------------------------------------- kernel
@@ -276,7 +266,7 @@ def block_matmul(
             HAS_BIAS=bias is not None,
             INPUT_PRECISION=dot_precision(lhs.dtype),
             IN_INTERPRETER=INTERPRETED,
-            BLOCK_KR=prototype_rank_block(num_prototypes * rank),
+            BLOCK_KR=rank_block(num_prototypes * rank),  # the prototype ranks K·r
             GROUP=GROUP_M,
         )
 

@@ -33,14 +33,12 @@ import triton.language as tl
 from torch import Tensor
 
 from ..._block_validation import check_splopa_linear_args
-from .linear import INTERPRETED, autotune_config, dot_precision, mma, on_device, prune_configs, round_to
+from .linear import INTERPRETED, dot_precision, mma, on_device, prune_configs, round_to, tile_configs
 from .linear_backward import bias_grad
 from .splopa import ActiveBlockLists, active_block_lists, block_matmul
 
 
 def _block_gradient_configs() -> list[triton.Config]:
-    if INTERPRETED:
-        return [autotune_config({"BLOCK_P": 16, "BLOCK_K": 16, "BLOCK_M": 16}, 1, 1)]
     # (BLOCK_P, BLOCK_K, BLOCK_M, warps, stages): a p-tall, depth-wide tile
     # reduced over the rows in BLOCK_M steps.
     shapes = [
@@ -51,7 +49,7 @@ def _block_gradient_configs() -> list[triton.Config]:
         (32, 32, 64, 2, 4),
         (16, 64, 64, 2, 4),
     ]
-    return [autotune_config({"BLOCK_P": p, "BLOCK_K": k, "BLOCK_M": m}, w, s) for p, k, m, w, s in shapes]
+    return tile_configs(("BLOCK_P", "BLOCK_K", "BLOCK_M"), shapes, interpreted=(16, 16, 16))
 
 
 # ---------------------------------------------------------------------------- kernel
