@@ -15,13 +15,13 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from support.linear_cases import check_results, forced_isa, skip_unless_available
 from support.splopa_cases import (
     SPLoPASpec,
     build_case,
     check_against_oracle,
     non_reference_splopa_params,
+    random_specs,
     run,
 )
 
@@ -70,20 +70,9 @@ def test_backend_matches_oracle_and_reference(backend_param, spec_name, dtype):
 
 @pytest.mark.parametrize("backend_param", BACKENDS)
 @settings(max_examples=20, deadline=None)
-@given(
-    lead=st.lists(st.integers(1, 40), min_size=1, max_size=2).map(tuple),
-    block_rows=st.integers(1, 5),
-    block_cols=st.integers(1, 5),
-    p=st.integers(1, 20),
-    q=st.integers(1, 20),
-    num_prototypes=st.integers(1, 5),
-    rank=st.integers(1, 4),
-    density=st.one_of(st.none(), st.floats(0.0, 1.0)),
-)
-def test_backend_random_cases(backend_param, lead, block_rows, block_cols, p, q, num_prototypes, rank, density):
+@given(spec=random_specs(lead=40, blocks=5, block_side=20, prototypes=5, rank=4))
+def test_backend_random_cases(backend_param, spec):
     backend, isa = backend_param
-    spec = SPLoPASpec(lead=lead, block_rows=block_rows, block_cols=block_cols, block_shape=(p, q),
-                      num_prototypes=num_prototypes, rank=rank, density=density)
     # float64: a random case may cancel a gradient to a small fraction of its terms
     # (dV = Uᵀ dΠ), which float32 cannot resolve to 1e-4 of the result; the fixed
     # cases above cover float32 and bfloat16.

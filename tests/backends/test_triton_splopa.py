@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.linear_cases import check_only_asked
-from support.splopa_cases import GRAD_NAMES, SPLoPASpec, build_case, check_against_oracle
+from support.splopa_cases import GRAD_NAMES, SPLoPASpec, build_case, check_against_oracle, random_specs
 from support.triton_support import compile_for_gpu, has_nvidia_compiler, run_without_interpreter
 
 import spa_kernels
@@ -105,20 +105,8 @@ def test_frozen_weight_costs_no_weight_gradient_work(monkeypatch):
 
 @needs_interpreter
 @settings(max_examples=6, deadline=None, derandomize=True)
-@given(
-    lead=st.lists(st.integers(1, 20), min_size=1, max_size=2).map(tuple),
-    block_rows=st.integers(1, 4),
-    block_cols=st.integers(1, 4),
-    p=st.integers(1, 12),
-    q=st.integers(1, 12),
-    num_prototypes=st.integers(1, 4),
-    rank=st.integers(1, 3),
-    density=st.one_of(st.none(), st.floats(0.0, 1.0)),
-    seed=st.integers(0, 2**16),
-)
-def test_random_cases_match_oracle(lead, block_rows, block_cols, p, q, num_prototypes, rank, density, seed):
-    spec = SPLoPASpec(lead=lead, block_rows=block_rows, block_cols=block_cols, block_shape=(p, q),
-                      num_prototypes=num_prototypes, rank=rank, density=density)
+@given(spec=random_specs(lead=20, blocks=4, block_side=12, prototypes=4, rank=3), seed=st.integers(0, 2**16))
+def test_random_cases_match_oracle(spec, seed):
     check_against_oracle("triton random", build_case(spec, seed), torch.float32, "triton")
 
 

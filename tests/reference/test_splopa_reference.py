@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.splopa_cases import SPLoPASpec, build_case, check_against_oracle, oracle_forward
+from support.splopa_cases import SPLoPASpec, build_case, check_against_oracle, oracle_forward, random_specs
 
 import spa_kernels
 from spa_kernels.backend.reference.splopa import splopa_linear_forward
@@ -35,21 +35,12 @@ def test_reference_matches_oracle(spec_name, dtype):
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    lead=st.lists(st.integers(1, 4), min_size=0, max_size=2).map(tuple),
-    block_rows=st.integers(1, 4),
-    block_cols=st.integers(1, 4),
-    p=st.integers(1, 5),
-    q=st.integers(1, 5),
-    num_prototypes=st.integers(1, 4),
-    rank=st.integers(1, 3),
-    density=st.one_of(st.none(), st.floats(0.0, 1.0)),
+@given(spec=random_specs(
+    lead=4, blocks=4, block_side=5, prototypes=4, rank=3, min_lead_dims=0,
     # zero, or far from float64's subnormals, where the order of the products decides underflow
     scale=st.one_of(st.just(0.0), st.floats(1e-3, 2.0), st.floats(-2.0, -1e-3)),
-)
-def test_reference_matches_oracle_random(lead, block_rows, block_cols, p, q, num_prototypes, rank, density, scale):
-    spec = SPLoPASpec(lead=lead, block_rows=block_rows, block_cols=block_cols, block_shape=(p, q),
-                      num_prototypes=num_prototypes, rank=rank, density=density, scale=scale)
+))
+def test_reference_matches_oracle_random(spec):
     check_against_oracle("reference random", build_case(spec), torch.float64, "reference")
 
 

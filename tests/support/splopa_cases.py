@@ -16,6 +16,7 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import strategies as st
 from torch import Tensor
 
 import spa_kernels
@@ -87,6 +88,25 @@ class SPLoPACase:
             return leaves
         return {name: None if t is None else t.transpose(-1, -2).contiguous().transpose(-1, -2)
                 if t.dim() >= 2 else t for name, t in leaves.items()}
+
+
+def random_specs(*, lead: int, blocks: int, block_side: int, prototypes: int, rank: int, min_lead_dims: int = 1,
+                 scale: st.SearchStrategy[float] | None = None) -> st.SearchStrategy[SPLoPASpec]:
+    """Cases of up to two leading dimensions of at most ``lead``, at most ``blocks`` block rows and columns
+    of blocks at most ``block_side`` a side, at most ``prototypes`` prototypes of rank at most ``rank``, an
+    unmasked or randomly masked grid, and ``scale`` drawn from the strategy given (else the default)."""
+    options = {"scale": scale} if scale is not None else {}
+    return st.builds(
+        SPLoPASpec,
+        lead=st.lists(st.integers(1, lead), min_size=min_lead_dims, max_size=2).map(tuple),
+        block_rows=st.integers(1, blocks),
+        block_cols=st.integers(1, blocks),
+        block_shape=st.tuples(st.integers(1, block_side), st.integers(1, block_side)),
+        num_prototypes=st.integers(1, prototypes),
+        rank=st.integers(1, rank),
+        density=st.one_of(st.none(), st.floats(0.0, 1.0)),
+        **options,
+    )
 
 
 def build_case(spec: SPLoPASpec, seed: int = 0) -> SPLoPACase:
