@@ -11,7 +11,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -78,23 +78,27 @@ class Summary:
     package_bytes: float | None
 
 
+def seed_groups(outcomes: Sequence, methods: Sequence[str]) -> Iterator[tuple[float, str, list]]:
+    """``(target, method, the seeds' outcomes)``, densest target first, methods in order; no empty group."""
+    for target in sorted({o.target for o in outcomes}, reverse=True):
+        for method in methods:
+            group = [o for o in outcomes if o.method == method and o.target == target]
+            if group:
+                yield target, method, group
+
+
 def summarise(outcomes: Sequence[Outcome]) -> list[Summary]:
     """Mean and sample standard deviation over seeds per (method, target density), densest first."""
     summaries = []
-    targets = sorted({o.target for o in outcomes}, reverse=True)
-    for target in targets:
-        for method in METHODS:
-            group = [o for o in outcomes if o.method == method and o.target == target]
-            if not group:
-                continue
-            sizes = [o.package_bytes for o in group if o.package_bytes is not None]
-            summaries.append(Summary(
-                method, target, len(group), statistics.fmean(o.density for o in group),
-                statistics.fmean(o.accuracy for o in group), spread([o.accuracy for o in group]),
-                statistics.fmean(o.stored for o in group), spread([o.stored for o in group]),
-                statistics.fmean(o.stored_layers for o in group), statistics.fmean(o.stored_shared for o in group),
-                statistics.fmean(sizes) if sizes else None,
-            ))
+    for target, method, group in seed_groups(outcomes, METHODS):
+        sizes = [o.package_bytes for o in group if o.package_bytes is not None]
+        summaries.append(Summary(
+            method, target, len(group), statistics.fmean(o.density for o in group),
+            statistics.fmean(o.accuracy for o in group), spread([o.accuracy for o in group]),
+            statistics.fmean(o.stored for o in group), spread([o.stored for o in group]),
+            statistics.fmean(o.stored_layers for o in group), statistics.fmean(o.stored_shared for o in group),
+            statistics.fmean(sizes) if sizes else None,
+        ))
     return summaries
 
 

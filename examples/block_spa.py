@@ -60,7 +60,14 @@ from torch import Tensor, nn
 
 import spa_kernels
 from examples._digits import PRETRAIN_CLASSES, TASK_CLASSES, Split, accuracy, digits_split, train
-from examples._versus_report import check_run_args, density_label, progress_display, run_and_report, spread
+from examples._versus_report import (
+    check_run_args,
+    density_label,
+    progress_display,
+    run_and_report,
+    seed_groups,
+    spread,
+)
 from spa_kernels.pruning.block_pruning import iterative_block_prune, splopa_layers
 from spa_kernels.pruning.package import load_task, save_task, task_size
 
@@ -352,17 +359,12 @@ def _mean_or_none(values: list) -> float | None:
 
 def summarise(outcomes: list[Outcome]) -> list[Summary]:
     summaries = []
-    for target in sorted({o.target for o in outcomes}, reverse=True):
-        for method in METHODS:
-            group = [o for o in outcomes if o.method == method and o.target == target]
-            if not group:
-                continue
-            accuracies = [o.accuracy for o in group]
-            summaries.append(Summary(
-                method, target, len(group), statistics.fmean(o.density for o in group), statistics.fmean(accuracies),
-                spread(accuracies),
-                statistics.fmean(o.stored_bytes for o in group), _mean_or_none([o.deflated_bytes for o in group]),
-                _mean_or_none([o.active_bytes for o in group])))
+    for target, method, group in seed_groups(outcomes, METHODS):
+        accuracies = [o.accuracy for o in group]
+        summaries.append(Summary(
+            method, target, len(group), statistics.fmean(o.density for o in group), statistics.fmean(accuracies),
+            spread(accuracies), statistics.fmean(o.stored_bytes for o in group),
+            _mean_or_none([o.deflated_bytes for o in group]), _mean_or_none([o.active_bytes for o in group])))
     return summaries
 
 
