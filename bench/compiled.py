@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .anchors import ContenderMismatch, tolerance
 from .conv import results_table
 from .linear import Ratio
-from .report import Table, TargetResult
+from .report import SuiteReport, Table, TargetResult
 from .timing import Budget, measure_interleaved
 
 EAGER = "eager"
@@ -97,3 +97,22 @@ def compiled_vs_eager(title: str, model: nn.Module, step_for: StepFactory, devic
     notes = [f"torch.compile (default mode) on a copy of the eager model; compiling and the first two steps took "
              f"{compile_s:.0f} s, not timed. Logits of the first step agree with eager."]
     return results_table(title, {keep: times}, (RATIO,), EAGER, notes), target, []
+
+
+def add_compiled_row(report: SuiteReport, gate: CompileGate, suite: str,
+                     row: Callable[[], tuple[Table | None, TargetResult, list[str]]], targets_apply: bool) -> None:
+    """Run ``row`` (a :func:`compiled_vs_eager` call) unless ``gate`` skips it, and add what it gives to ``report``.
+
+    The table when there is one and the notes always; the target only when
+    ``targets_apply`` (the suites set CPU targets).  A skipped row leaves a note saying why.
+    """
+    skip = gate.skip_reason()
+    if skip is not None:
+        report.notes.append(f"{suite}: the torch.compile vs eager row was skipped ({skip}).")
+        return
+    table, target, notes = row()
+    if table is not None:
+        report.tables.append(table)
+    report.notes += notes
+    if targets_apply:
+        report.targets.append(target)

@@ -43,7 +43,7 @@ from spa_kernels.pruning import channel_groups
 
 from . import Progress, RunConfig
 from .anchors import COMPACTED, SP_ADAPTERS, ContenderMismatch, tolerance
-from .compiled import CompileGate, compiled_vs_eager
+from .compiled import CompileGate, add_compiled_row, compiled_vs_eager
 from .conv import results_table
 from .linear import Ratio
 from .network import mask_with_hooks, redraw_adapters
@@ -256,21 +256,16 @@ class ResNet50Suite:
             report.notes.append("The resnet50 targets are CPU targets; they are not evaluated here.")
 
         progress.begin("resnet50 density 0.5: torch.compile vs eager")
-        skip = gate.skip_reason()
-        if skip is None and pruned_half is not None:
+
+        def row():
             title = (f"resnet50 {SPA_MASKED} at density 0.5, batch {shape.batch} × {shape.image_size}² "
                      f"({str(dtype).removeprefix('torch.')}) — train step, eager vs compiled: median ms (p20–p80)")
             x, y = images.to(device, dtype), labels.to(device)
-            compiled_table, target, notes = compiled_vs_eager(
+            return compiled_vs_eager(
                 title, pruned_half.to(device, dtype), lambda model: train_step(model, x, y), device, dtype,
                 config.budget, 0.5, f"resnet50 {SPA_MASKED}")
-            if compiled_table is not None:
-                report.tables.append(compiled_table)
-            report.notes += notes
-            if device.type == "cpu":
-                report.targets.append(target)
-        else:
-            report.notes.append(f"resnet50: the torch.compile vs eager row was skipped ({skip}).")
+
+        add_compiled_row(report, gate, "resnet50", row, device.type == "cpu")
         progress.end()
         return report
 

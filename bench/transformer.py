@@ -38,7 +38,7 @@ from spa_kernels.nn import SPLoRALinear, SPLoRAMultiheadAttention
 
 from . import Progress, RunConfig
 from .anchors import COMPACTED, SP_ADAPTERS, ContenderMismatch, tolerance
-from .compiled import CompileGate, compiled_vs_eager
+from .compiled import CompileGate, add_compiled_row, compiled_vs_eager
 from .conv import results_table
 from .linear import Ratio
 from .network import mask_with_hooks, redraw_adapters
@@ -297,23 +297,18 @@ class TransformerSuite:
     def _compiled_row(report: SuiteReport, gate: CompileGate, config: RunConfig, progress: Progress) -> None:
         """The ViT-B/16 spa model at density 0.5 under ``torch.compile`` against eager (optional, see bench.compiled)."""
         progress.begin(f"transformer {VIT_B16.name} density 0.5: torch.compile vs eager")
-        skip = gate.skip_reason()
-        if skip is not None:
-            report.notes.append(f"transformer: the torch.compile vs eager row was skipped ({skip}).")
-        else:
-            device, dtype = config.device, config.dtype
+        device, dtype = config.device, config.dtype
+
+        def row():
             _, spa_model, _, tokens, labels = build_spa(VIT_B16, 0.5)
             tokens, labels = tokens.to(device, dtype), labels.to(device)
             title = (f"transformer {VIT_B16} ({str(dtype).removeprefix('torch.')}), {SPA} at density 0.5 — "
                      "train step, eager vs compiled: median ms (p20–p80)")
-            table, target, notes = compiled_vs_eager(
+            return compiled_vs_eager(
                 title, spa_model.to(device, dtype), lambda model: _step(model, tokens, labels), device, dtype,
                 config.budget, 0.5, f"transformer {VIT_B16.name} {SPA}")
-            if table is not None:
-                report.tables.append(table)
-            report.notes += notes
-            if config.device.type == "cpu":
-                report.targets.append(target)
+
+        add_compiled_row(report, gate, "transformer", row, device.type == "cpu")
         progress.end()
 
     @staticmethod

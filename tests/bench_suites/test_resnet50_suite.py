@@ -16,8 +16,9 @@ import torch
 import spa_kernels
 from bench import RunConfig
 from bench.anchors import COMPACTED, SP_ADAPTERS, ContenderMismatch
-from bench.compiled import CompileGate
+from bench.compiled import CompileGate, add_compiled_row
 from bench.network import mask_with_hooks
+from bench.report import SuiteReport, Table, TargetResult
 from bench.resnet50 import (
     FULL,
     NOT_AVAILABLE,
@@ -122,3 +123,32 @@ def test_compile_gate():
     assert "budget" in CompileGate("auto", budget_s=10.0, reserve_s=20.0).skip_reason()
     with pytest.raises(ValueError, match="compiled mode"):
         CompileGate("maybe", budget_s=1.0, reserve_s=1.0)
+
+
+def test_compiled_row_is_added_to_the_report_or_skipped_with_a_note():
+    table = Table("compiled", ["a"], [["1"]])
+    target = TargetResult("train step", 0.5, "compiled ÷ eager", "≤", 1.0, 0.9)
+    calls = []
+
+    def row():
+        calls.append(True)
+        return table, target, ["compiled note"]
+
+    report = SuiteReport("suite")
+    add_compiled_row(report, CompileGate("yes", budget_s=0.0, reserve_s=0.0), "suite", row, targets_apply=True)
+    assert (report.tables, report.notes, report.targets) == ([table], ["compiled note"], [target])
+
+    off_cpu = SuiteReport("suite")
+    add_compiled_row(off_cpu, CompileGate("yes", budget_s=0.0, reserve_s=0.0), "suite", row, targets_apply=False)
+    assert (off_cpu.tables, off_cpu.targets) == ([table], [])
+
+    failed = SuiteReport("suite")
+    add_compiled_row(failed, CompileGate("yes", budget_s=0.0, reserve_s=0.0), "suite",
+                     lambda: (None, target, ["WARNING: failed"]), targets_apply=True)
+    assert (failed.tables, failed.notes, failed.targets) == ([], ["WARNING: failed"], [target])
+
+    skipped = SuiteReport("suite")
+    calls.clear()
+    add_compiled_row(skipped, CompileGate("no", budget_s=1e9, reserve_s=0.0), "suite", row, targets_apply=True)
+    assert calls == [] and skipped.tables == [] and skipped.targets == []
+    assert skipped.notes == ["suite: the torch.compile vs eager row was skipped (--compiled no)."]
