@@ -31,7 +31,7 @@ METHODS = (SPLORA, FINE_PRUNING)
 TABLE_NAME = "spa_vs_finepruning.md"
 PLOT_NAME = "spa_vs_finepruning.png"
 RESULTS_NAME = "spa_vs_finepruning.json"
-# The target: at this density SPLoRA stores at least this many times fewer values per task.
+# The target the comparison checks: at this density SPLoRA stores at least this many times fewer values per task.
 TARGET_DENSITY = 0.1
 TARGET_RATIO = 3.0
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
