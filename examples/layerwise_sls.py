@@ -76,7 +76,7 @@ TABLE_COLUMNS = (
     "change (points)",
     "full + same retraining (%)",
 )
-# The target for this example.
+# The target this example is held to.
 TARGET_DROPPED = 0.30
 TARGET_MAX_LOSS = 1.5
 
