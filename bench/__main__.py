@@ -27,6 +27,7 @@ from .anchors import ContenderMismatch
 from .block import SUITE as BLOCK_SUITE
 from .compiled import COMPILE_MODES
 from .conv import SUITE as CONV_SUITE
+from .conv_layers import SUITE as CONV_LAYERS_SUITE
 from .linear import SUITE as LINEAR_SUITE
 from .network import SUITE as NETWORK_SUITE
 from .overhead import SUITE as OVERHEAD_SUITE
@@ -38,7 +39,7 @@ from .timing import DEFAULT_BUDGET, QUICK_BUDGET, set_cpu_threads
 from .transformer import SUITE as TRANSFORMER_SUITE
 from .transformer_fastpath import SUITE as FASTPATH_SUITE
 
-SUITES: dict[str, Suite] = {suite.name: suite for suite in (LINEAR_SUITE, CONV_SUITE, NETWORK_SUITE, TASK_SUITE,
+SUITES: dict[str, Suite] = {suite.name: suite for suite in (LINEAR_SUITE, CONV_SUITE, CONV_LAYERS_SUITE, NETWORK_SUITE, TASK_SUITE,
                                                              BLOCK_SUITE, TRANSFORMER_SUITE, FASTPATH_SUITE,
                                                              RESNET50_SUITE, OVERHEAD_SUITE)}
 

@@ -314,7 +314,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         auto mirrored = [&](int64_t t) -> std::array<int64_t, 3> {
           return {-s.tap_offset(t, 0), -s.tap_offset(t, 1), -s.tap_offset(t, 2)};
         };
-        if (s.stride[0] == 1 && s.stride[1] == 1 && s.stride[2] == 1) {
+        const bool pointwise = s.taps == 1 && s.pad[0] == 0 && s.pad[1] == 0 && s.pad[2] == 0;
+        if (pointwise && (s.stride[0] > 1 || s.stride[1] > 1 || s.stride[2] > 1)) {
+          // A strided 1x1 convolution: output position g reads input g * stride
+          // alone, so dx is dy_O W_OS on the output grid (dy read in place),
+          // scattered onto every stride-th input position; the rest is zero.
+          // Over the input grid instead, most rows would be zero rows multiplied.
+          grad_x.zero_();
+          PaddedGeometry geometry;
+          geometry.batch = s.N;
+          for (int d = 0; d < 3; ++d) geometry.grid[d] = s.out[d], geometry.src[d] = s.out[d];
+          const std::vector<std::array<int64_t, 3>> kk_offset(kk_index.size(), {0, 0, 0});
+          const PaddedPatches<T> dy_positions(dy, geometry, s.y_channels, s.y_list.ptr, s.O.count, kk_index,
+                                              kk_offset, threads);
+          StridedPlaneWriter<S, T> strided{gx, s.x_channels, s.x_list.ptr};
+          for (int d = 0; d < 3; ++d) {
+            strided.grid[d] = s.out[d], strided.fine[d] = s.in[d], strided.step[d] = s.stride[d];
+          }
+          masked_gemm<T>(kernels, s.N * s.out_plane(), s.S.count, dy_positions, b, strided, threads,
+                         s.rank > 0 ? &low_rank : nullptr);
+        } else if (s.stride[0] == 1 && s.stride[1] == 1 && s.stride[2] == 1) {
           // Unit stride: a forward convolution of dy_O with the taps mirrored,
           // read in place from a padded copy like the forward reads x.
           PaddedGeometry geometry;

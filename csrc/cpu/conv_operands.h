@@ -341,4 +341,44 @@ struct PlaneWriter {
   }
 };
 
+// Rows of C over the positions of a coarse grid (batch x grid) into the planes
+// of a finer one (batch x channels x fine), grid coordinate g landing on fine
+// coordinate g * step: the input gradient of a strided 1x1 convolution, whose
+// output position g reads input g * stride alone.  The fine positions between
+// are never written (the caller zeroes them).
+template <typename S, typename T>
+struct StridedPlaneWriter {
+  S* out = nullptr;
+  int64_t channels = 0;
+  const int64_t* channel = nullptr;  // null: identity
+  int64_t grid[3] = {1, 1, 1};
+  int64_t fine[3] = {1, 1, 1};
+  int64_t step[3] = {1, 1, 1};
+
+  void operator()(int64_t m, T* c, int64_t n0, int64_t n1, int) const { write_block(m, 1, c, 0, n0, n1); }
+
+  void write_block(int64_t m0, int64_t rows, const T* c, int64_t ldc, int64_t n0, int64_t n1) const {
+    const int64_t plane = fine[0] * fine[1] * fine[2];
+    int64_t m = m0, p[3];
+    p[2] = m % grid[2];
+    m /= grid[2];
+    p[1] = m % grid[1];
+    m /= grid[1];
+    p[0] = m % grid[0];
+    int64_t n = m / grid[0];
+    for (int64_t i = 0; i < rows; ++i) {
+      S* base = out + n * channels * plane + ((p[0] * step[0]) * fine[1] + p[1] * step[1]) * fine[2] + p[2] * step[2];
+      const T* src = c + i * ldc;
+      for (int64_t k = n0; k < n1; ++k) base[(channel ? channel[k] : k) * plane] = static_cast<S>(src[k - n0]);
+      if (++p[2] == grid[2]) {
+        p[2] = 0;
+        if (++p[1] == grid[1]) {
+          p[1] = 0;
+          if (++p[0] == grid[0]) p[0] = 0, ++n;
+        }
+      }
+    }
+  }
+};
+
 }  // namespace spa_kernels::cpu

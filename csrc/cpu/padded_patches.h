@@ -12,6 +12,8 @@
 // row of the tile, one offset per depth entry) and A is never packed.  The
 // copy is a single pass over x_S (|S| channels only, about (H+2)(W+2)/HW of
 // x_S) and converts the input to the accumulation type once, not once per tap.
+// Where no tap reads a border (1x1 kernels, any stride) and x is in the
+// accumulation type already, there is no copy: x is read where it lies.
 #pragma once
 
 #include <omp.h>
@@ -19,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "masked_gemm.h"
@@ -46,17 +49,28 @@ class PaddedPatches {
   PaddedPatches(const S* x, const PaddedGeometry& g, int64_t x_channels, const int64_t* channel, int64_t count,
                 const std::vector<int64_t>& depth_channel, const std::vector<std::array<int64_t, 3>>& depth_offset,
                 int threads)
-      : depth(static_cast<int64_t>(depth_channel.size())), g_(g), count_(count),
-        data_(buffer_size(g, count, depth_offset)) {
+      : depth(static_cast<int64_t>(depth_channel.size())), g_(g),
+        in_place_(std::is_same_v<S, T> && needs_no_border(g, depth_offset)),
+        data_(in_place_ ? 0 : buffer_size(g, count, depth_offset)) {
     int64_t low[3];
     padding(g, depth_offset, low, padded_);
     plane_ = padded_[0] * padded_[1] * padded_[2];
+    // In place, a depth entry's channel is its plane in x itself.
+    batch_stride_ = (in_place_ ? x_channels : count) * plane_;
     depth_offset_.reserve(depth_channel.size());
     for (size_t kk = 0; kk < depth_channel.size(); ++kk) {
       const auto& off = depth_offset[kk];
-      depth_offset_.push_back(depth_channel[kk] * plane_ +
+      const int64_t plane_index = in_place_ && channel ? channel[depth_channel[kk]] : depth_channel[kk];
+      depth_offset_.push_back(plane_index * plane_ +
                               ((off[0] + low[0]) * padded_[1] + off[1] + low[1]) * padded_[2] + off[2] + low[2]);
     }
+    if constexpr (std::is_same_v<S, T>) {
+      if (in_place_) {
+        base_ = x;
+        return;
+      }
+    }
+    base_ = data_.get();
     const int64_t src_plane = g.src[0] * g.src[1] * g.src[2];
     T* out = data_.get();
     const int64_t planes = g.batch * count;
@@ -96,7 +110,7 @@ class PaddedPatches {
     p[0] = m % g_.grid[0];
     int64_t n = m / g_.grid[0];
     for (int64_t r = 0; r < ni; ++r) {
-      rows[r] = data_.get() + n * count_ * plane_ +
+      rows[r] = base_ + n * batch_stride_ +
                 ((p[0] * g_.mul[0]) * padded_[1] + p[1] * g_.mul[1]) * padded_[2] + p[2] * g_.mul[2];
       if (++p[2] == g_.grid[2]) {
         p[2] = 0;
@@ -111,6 +125,19 @@ class PaddedPatches {
   const int64_t* depth_offsets() const { return depth_offset_.data(); }
 
  private:
+  // No tap of any grid position reads outside the source (a 1×1 kernel, or
+  // "valid" padding): the source is its own padded copy and, in the
+  // accumulation type already, is read where it lies.  A pointwise
+  // convolution then runs as a plain GEMM over x, with no copy at all.
+  static bool needs_no_border(const PaddedGeometry& g, const std::vector<std::array<int64_t, 3>>& offsets) {
+    int64_t low[3], padded[3];
+    padding(g, offsets, low, padded);
+    for (int d = 0; d < 3; ++d) {
+      if (low[d] != 0 || padded[d] != g.src[d]) return false;
+    }
+    return true;
+  }
+
   // Zero borders wide enough for every tap of every grid position.
   static void padding(const PaddedGeometry& g, const std::vector<std::array<int64_t, 3>>& offsets, int64_t (&low)[3],
                       int64_t (&padded)[3]) {
@@ -131,11 +158,13 @@ class PaddedPatches {
   }
 
   PaddedGeometry g_;
-  int64_t count_ = 0;
   int64_t padded_[3] = {1, 1, 1};
   int64_t plane_ = 1;
+  int64_t batch_stride_ = 0;  // between images, at base_
   std::vector<int64_t> depth_offset_;
+  bool in_place_ = false;
   AlignedBuffer<T> data_;
+  const T* base_ = nullptr;  // data_, or x itself when read in place
 };
 
 }  // namespace spa_kernels::cpu

@@ -182,6 +182,11 @@ CONV_CASES = {
     "splora-2d-inputs-pruned": dict(d=2, c_in=5, c_out=4, keep_in=0, keep_out=2, padding=1),
     "splora-3d": dict(d=3, c_in=4, c_out=3, keep_in=2, keep_out=2, padding=1, spatial=4),
     "splora-2d-no-adapter": dict(d=2, c_in=6, c_out=5, keep_in=3, keep_out=3, rank=None, stride=2),
+    # Pointwise convolutions: x (and dy) read in place; strided, dx is scattered onto every other position.
+    "splora-2d-1x1-stride2": dict(d=2, c_in=7, c_out=6, keep_in=4, keep_out=3, kernel=1, stride=2),
+    "splora-2d-1x1": dict(d=2, c_in=6, c_out=7, keep_in=3, keep_out=4, kernel=1, spatial=6),
+    "sppara-3d-1x1-stride2": dict(kind="sppara", d=3, c_in=5, c_out=4, keep_in=3, keep_out=2, kernel=1, stride=2,
+                                  spatial=4),
     "sppara-2d-stride2": dict(kind="sppara", d=2, c_in=8, c_out=7, keep_in=5, keep_out=3, stride=2, padding=1),
     "sppara-1d-weight-grad": dict(kind="sppara", d=1, c_in=6, c_out=5, keep_in=2, keep_out=3, weight_grad=True),
     "splora-grouped": dict(d=2, c_in=8, c_out=6, keep_in=5, keep_out=3, padding=1, groups=2),
