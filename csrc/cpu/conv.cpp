@@ -21,6 +21,8 @@
 
 #include <array>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "conv_geometry.h"
 #include "conv_operands.h"
@@ -238,6 +240,72 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
   return y;
 }
 
+// An index list as a tensor over its own storage (index_select only reads it).
+at::Tensor index_tensor(IndexList list) {
+  return at::from_blob(const_cast<int64_t*>(list.ptr), {list.count}, at::TensorOptions().dtype(at::kLong));
+}
+
+// The entries of `t` at `list` along `dim` (t itself when the list is all of them).
+at::Tensor gather(const at::Tensor& t, int64_t dim, IndexList list) {
+  return list.ptr ? t.index_select(dim, index_tensor(list)) : t;
+}
+
+// `active` placed at `list` along `dim` of a zero tensor `width` long there.
+at::Tensor spread(const at::Tensor& active, int64_t dim, IndexList list, int64_t width) {
+  if (!list.ptr) return active.contiguous();
+  std::vector<int64_t> sizes = active.sizes().vec();
+  sizes[dim] = width;
+  return at::zeros(sizes, active.options()).index_copy_(dim, index_tensor(list), active);
+}
+
+// x_S at the centre tap of every output position, (N, |S|, output positions):
+// a strided view of x when every centre lies inside x, else undefined (a
+// centre in the padding; the GEMM path handles that).
+at::Tensor centre_taps_view(const at::Tensor& x, const ConvShapes& s) {
+  at::Tensor v = gather(x, 1, s.x_list);
+  const int64_t d = x.dim() - 2;
+  for (int64_t i = 0; i < d; ++i) {
+    const int j = static_cast<int>(3 - d + i);
+    const int64_t first = s.tap_offset(s.centre, j), last = first + (s.out[j] - 1) * s.stride[j];
+    if (first < 0 || last >= s.in[j]) return {};
+    v = v.slice(2 + i, first, last + 1, s.stride[j]);
+  }
+  return v.reshape({s.N, s.S.count, s.out_plane()});
+}
+
+// The memory format oneDNN's convolutions run fastest in on the CPU.
+at::MemoryFormat channels_last_format(int64_t dim) {
+  return dim == 4 ? at::MemoryFormat::ChannelsLast
+                  : dim == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
+}
+
+// dx_S of a strided convolution wider than 1x1, by oneDNN's convolution
+// backward on W_OS with the adapter merged at the centre tap, channels-last.
+// Over the input grid, our GEMM would multiply the taps that fall between
+// strides as zeros (3/4 of the work at stride 2); oneDNN splits the
+// transposed convolution by stride phase instead.  The copy is the active
+// weight block, |O| x |S| x taps, built per call (nothing cached across calls).
+at::Tensor strided_input_gradient(const at::Tensor& grad_out, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                                  const std::optional<at::Tensor>& adapter, const ConvShapes& s,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  double scale) {
+  at::Tensor w = gather(gather(weight, 0, s.O), 1, s.S);
+  w = w.is_same(weight) ? weight.clone() : w.contiguous();
+  at::Tensor centre = w.view({s.O.count, s.S.count, s.taps}).select(2, s.centre);
+  if (s.rank > 0) centre.add_(at::matmul(gather(*lora_b, 0, s.O), gather(*lora_a, 1, s.S)), scale);
+  if (present(adapter)) centre.add_(gather(gather(*adapter, 0, s.O), 1, s.S));
+  const at::MemoryFormat format = channels_last_format(weight.dim());
+  const at::Tensor dy = gather(grad_out, 1, s.y_list).contiguous(format);
+  std::vector<int64_t> x_sizes{s.N, s.S.count};
+  for (int64_t i = 2; i < weight.dim(); ++i) x_sizes.push_back(s.in[3 - (weight.dim() - 2) + (i - 2)]);
+  // Only its shape is read: the input gradient does not depend on x.
+  const at::Tensor x_shape = at::empty(x_sizes, grad_out.options().memory_format(format));
+  const std::vector<int64_t> no_output_padding(stride.size(), 0);
+  return std::get<0>(at::convolution_backward(dy, x_shape, w.contiguous(format), std::nullopt, stride, padding,
+                                              dilation, false, no_output_padding, 1, {true, false, false}));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
@@ -342,6 +410,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           std::vector<std::array<int64_t, 3>> kk_offset;
           for (const int64_t t : kk_tap) kk_offset.push_back(mirrored(t));
           run(PaddedPatches<T>(dy, geometry, s.y_channels, s.y_list.ptr, s.O.count, kk_index, kk_offset, threads));
+        } else if (std::is_same_v<S, T> && s.O.count > 0) {
+          const at::Tensor dx = strided_input_gradient(grad_out, weight, lora_a, lora_b, adapter, s, stride, padding,
+                                                       dilation, scale);
+          if (s.x_list.ptr) {
+            grad_x.index_copy_(1, index_tensor(s.x_list), dx);
+          } else {
+            grad_x.copy_(dx);
+          }
         } else {
           PatchTaps taps;
           for (size_t i = 0; i < kk_index.size(); ++i) {
@@ -352,7 +428,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       }
     }
-    if (need_a) {
+    // The centre-tap adapter's gradients by BLAS on the active channels, when
+    // every centre lies inside x (the usual padding): with u = s dy_O B_O and
+    // t = x_centre,S A_S^T,  dA_S = u^T x_centre,S,  dB_O = s dy_O^T t,  db_O =
+    // the sum of dy_O.  Rank-r GEMMs over all positions, bound by reading x and
+    // dy; the GEMM engine below packs every position for them instead.
+    bool adapter_done = false;
+    if ((need_a || need_b || need_bias) && std::is_same_v<S, T> && s.S.count > 0 && s.O.count > 0) {
+      const at::Tensor x_centre = need_a || need_b ? centre_taps_view(x, s) : at::Tensor();
+      if (x_centre.defined() || !(need_a || need_b)) {
+        adapter_done = true;
+        const at::Tensor dy_active = gather(grad_out.view({s.N, s.y_channels, s.out_plane()}), 1, s.y_list);
+        if (need_bias) grad_bias = spread(dy_active.sum({0, 2}), 0, s.O, s.C_out);
+        if (need_a) {
+          const at::Tensor u = at::matmul(gather(*lora_b, 0, s.O).t(), dy_active).mul_(scale);  // (N, r, P)
+          grad_a = spread(at::matmul(u, x_centre.transpose(1, 2)).sum(0), 1, s.S, s.C_in);
+        }
+        if (need_b) {
+          const at::Tensor t = at::matmul(gather(*lora_a, 1, s.S), x_centre);  // (N, r, P)
+          grad_b = spread(at::matmul(dy_active, t.transpose(1, 2)).sum(0).mul_(scale), 0, s.O, s.C_out);
+        }
+      }
+    }
+    if (need_a && !adapter_done) {
       grad_a = at::empty({s.rank, s.C_in}, x.options());
       if (s.S.count == 0 || s.O.count == 0) {
         grad_a.zero_();
@@ -375,7 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         masked_gemm<T>(kernels, s.rank, s.S.count, u_columns, x_centre_columns, writer, threads);
       }
     }
-    if (need_b || need_bias) {
+    if ((need_b || need_bias) && !adapter_done) {
       // [dB_O | db_O] = dy_O^T [s t | 1] summed over output positions.
       if (need_b) grad_b = at::zeros({s.C_out, s.rank}, x.options());
       if (need_bias) grad_bias = at::zeros({s.C_out}, x.options());
