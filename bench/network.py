@@ -10,6 +10,9 @@ bias):
 * ``sp_adapters``: ``sp_adapters.SPLoRA(model, rank=16)``, masked the way
   mask-based pruning does it: forward hooks multiply each layer's input and output
   by its masks;
+* ``spa compact act.``: the spa_kernels network after
+  ``spa_kernels.compact_activations`` (tensors between SPA layers hold only the
+  active channels);
 * ``compacted``: a physically smaller network holding only the active channels,
   the adapters as parallel 1×1 convolutions: the practical limit.
 
@@ -40,11 +43,14 @@ from .resnet import Masks, ResNet, compacted_gradients, compacted_network, draw_
 from .shapes import DATA_SEED, MASK_SEED, NETWORK_SHAPES, RESNET18_56, NetworkShape, format_keep
 from .timing import measure_interleaved
 
+SPA_COMPACT = "spa compact act."
 RATIOS = (
     Ratio("sp_adapters ÷ spa", SP_ADAPTERS, SPA),
     Ratio("spa ÷ compacted", SPA, COMPACTED),
+    Ratio("spa c.a. ÷ compacted", SPA_COMPACT, COMPACTED),
 )
 TARGET_RATIO = 2.5  # CPU: sp_adapters ÷ spa_kernels, one training step of RESNET18_56
+TARGET_COMPACT = 1.1  # CPU: spa compact act. ÷ compacted, the same step
 
 LEARNING_RATE = 1e-3
 MOMENTUM = 0.9
@@ -148,6 +154,16 @@ def spa_kernels_network(base: nn.Module, masks: Masks, source: nn.Module, rank: 
     return model, ""
 
 
+def compact_activations_model(spa_model: nn.Module, example: Tensor) -> tuple[nn.Module | None, str]:
+    """A copy of ``spa_model`` after ``spa_kernels.compact_activations``; (None, why) where there is none."""
+    transform = getattr(spa_kernels, "compact_activations", None)
+    if transform is None:
+        return None, "spa_kernels has no compact_activations"
+    model = copy.deepcopy(spa_model)
+    result = transform(model, (example,))
+    return (result if isinstance(result, nn.Module) else model).train(), ""
+
+
 def _compare(name: str, got: Tensor, want: Tensor, limit: float) -> None:
     if tuple(got.shape) != tuple(want.shape):
         raise ContenderMismatch(f"network: {name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
@@ -195,6 +211,11 @@ class NetworkSuite:
                     value = times[SP_ADAPTERS].median_ms / times[primary].median_ms
                 ratio = f"{SP_ADAPTERS} ÷ {primary or 'spa_kernels'}"
                 report.targets.append(TargetResult("train step", shape.keep, ratio, "≥", TARGET_RATIO, value))
+                compact = None
+                if SPA_COMPACT in times:
+                    compact = times[SPA_COMPACT].median_ms / times[COMPACTED].median_ms
+                report.targets.append(TargetResult("train step", shape.keep, f"{SPA_COMPACT} ÷ {COMPACTED}", "≤",
+                                                   TARGET_COMPACT, compact))
                 if primary is None or value is None:
                     report.targets_note = "WARNING: there is no spa_kernels network to evaluate."
                 elif primary != spa_kernels_name("cpu"):
@@ -232,6 +253,9 @@ class NetworkSuite:
         ]
         if spa_model is not None:
             versions.insert(0, (primary, spa_model, trainable_gradients))
+            compact_act, _ = compact_activations_model(spa_model, images[:1])
+            if compact_act is not None:  # without it the compact target reads "not evaluated"
+                versions.insert(1, (SPA_COMPACT, compact_act, trainable_gradients))
 
         # Gradients are compared on float64 copies: a ReLU input within rounding of zero
         # flips its gradient between two fp32 evaluations, so only float64 compares them

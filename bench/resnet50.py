@@ -46,13 +46,12 @@ from .anchors import COMPACTED, SP_ADAPTERS, ContenderMismatch, tolerance
 from .compiled import CompileGate, add_compiled_row, compiled_vs_eager
 from .conv import results_table
 from .linear import Ratio
-from .network import mask_with_hooks, redraw_adapters
+from .network import SPA_COMPACT, compact_activations_model, mask_with_hooks, redraw_adapters
 from .report import SuiteReport, Table, TargetResult
 from .shapes import DATA_SEED, MASK_SEED, RESNET50_112, BottleneckShape, active_count, format_keep
 from .timing import Measurement, measure_interleaved
 
 SPA_MASKED = "spa masked"
-SPA_COMPACT = "spa compact act."
 FULL = "full fine-tune"
 NOT_AVAILABLE = "not available"
 DENSITIES = (1.0, 0.5, 0.3)
@@ -157,16 +156,6 @@ def compacted_model(spa_model: nn.Module, example: Tensor) -> nn.Module:
         elif isinstance(module, nn.BatchNorm2d) or any(name == e or name.startswith(e + ".") for e in EXCLUDE):
             module.requires_grad_(True)
     return model.train()
-
-
-def compact_activations_model(spa_model: nn.Module, example: Tensor) -> tuple[nn.Module | None, str]:
-    """A copy of ``spa_model`` after ``spa_kernels.compact_activations``; (None, why) where there is none."""
-    transform = getattr(spa_kernels, "compact_activations", None)
-    if transform is None:
-        return None, "spa_kernels has no compact_activations"
-    model = copy.deepcopy(spa_model)
-    result = transform(model, (example,))
-    return (result if isinstance(result, nn.Module) else model).train(), ""
 
 
 class Checker:

@@ -440,13 +440,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         adapter_done = true;
         const at::Tensor dy_active = gather(grad_out.view({s.N, s.y_channels, s.out_plane()}), 1, s.y_list);
         if (need_bias) grad_bias = spread(dy_active.sum({0, 2}), 0, s.O, s.C_out);
+        // bmm with the small factor broadcast over the batch: at::matmul would
+        // fold a 2-D @ 3-D product by transposing (copying) the activation.
+        auto batched = [&](const at::Tensor& factor) { return factor.unsqueeze(0).expand({s.N, -1, -1}); };
         if (need_a) {
-          const at::Tensor u = at::matmul(gather(*lora_b, 0, s.O).t(), dy_active).mul_(scale);  // (N, r, P)
-          grad_a = spread(at::matmul(u, x_centre.transpose(1, 2)).sum(0), 1, s.S, s.C_in);
+          const at::Tensor u = at::bmm(batched(gather(*lora_b, 0, s.O).t()), dy_active).mul_(scale);  // (N, r, P)
+          grad_a = spread(at::bmm(u, x_centre.transpose(1, 2)).sum(0), 1, s.S, s.C_in);
         }
         if (need_b) {
-          const at::Tensor t = at::matmul(gather(*lora_a, 1, s.S), x_centre);  // (N, r, P)
-          grad_b = spread(at::matmul(dy_active, t.transpose(1, 2)).sum(0).mul_(scale), 0, s.O, s.C_out);
+          const at::Tensor t = at::bmm(batched(gather(*lora_a, 1, s.S)), x_centre);  // (N, r, P)
+          grad_b = spread(at::bmm(dy_active, t.transpose(1, 2)).sum(0).mul_(scale), 0, s.O, s.C_out);
         }
       }
     }
