@@ -106,34 +106,34 @@ struct EffectiveBlock {
   }
 };
 
-// dΦ[k, block a] = s <G_a, Π_k> at each active block's row-major position.
-template <typename S, typename T>
-void phi_gradient(const SPLoPAShapes& s, const T* g, const T* pi, const int64_t* position, T scale, S* grad_phi,
-                  int threads) {
-  const int64_t pq = s.p * s.q, n_blocks = s.blocks.rows * s.blocks.cols, count = s.blocks.count();
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t a = 0; a < count; ++a) {
-    for (int64_t k = 0; k < s.K; ++k) {
-      T dot = 0;
-      for (int64_t e = 0; e < pq; ++e) dot += g[a * pq + e] * pi[k * pq + e];
-      grad_phi[k * n_blocks + position[a]] = static_cast<S>(scale * dot);
-    }
-  }
+// The active blocks' outer sums G (count x pq) and the prototypes Π (K x pq)
+// as tensors of the accumulation type over their own storage.
+template <typename T>
+at::Tensor as_matrix_view(const T* data, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// dΠ_k = s Σ_a Φ[k, block a] G_a, one prototype per thread at a time.
+// dΦ[k, block a] = s <G_a, Π_k> at each active block's row-major position:
+// one GEMM, G Π^T (count x K).
 template <typename S, typename T>
-void prototype_gradient(const SPLoPAShapes& s, const T* g, const S* phi, const int64_t* position, T scale,
-                        T* grad_pi, int threads) {
-  const int64_t pq = s.p * s.q, n_blocks = s.blocks.rows * s.blocks.cols, count = s.blocks.count();
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t k = 0; k < s.K; ++k) {
-    T* out = grad_pi + k * pq;
-    for (int64_t a = 0; a < count; ++a) {
-      const T weight_k = scale * static_cast<T>(phi[k * n_blocks + position[a]]);
-      for (int64_t e = 0; e < pq; ++e) out[e] += weight_k * g[a * pq + e];
-    }
-  }
+void phi_gradient(const SPLoPAShapes& s, const T* g, const T* pi, const at::Tensor& position, T scale,
+                  at::Tensor& grad_phi) {
+  const int64_t pq = s.p * s.q, count = s.blocks.count();
+  const at::Tensor dots = at::mm(as_matrix_view(g, count, pq), as_matrix_view(pi, s.K, pq).t());
+  grad_phi.view({s.K, s.blocks.rows * s.blocks.cols})
+      .index_copy_(1, position, dots.t().mul(scale).to(grad_phi.scalar_type()));
+}
+
+// dΠ_k = s Σ_a Φ[k, block a] G_a: one GEMM, Φ_active G (K x pq), into grad_pi.
+template <typename S, typename T>
+void prototype_gradient(const SPLoPAShapes& s, const T* g, const at::Tensor& pos_weights, const at::Tensor& position,
+                        T scale, T* grad_pi) {
+  const int64_t pq = s.p * s.q, count = s.blocks.count();
+  const at::Tensor active_phi =
+      pos_weights.view({s.K, s.blocks.rows * s.blocks.cols}).index_select(1, position).to(c10::CppTypeToScalarType<T>::value);
+  at::Tensor out = as_matrix_view(grad_pi, s.K, pq);
+  at::mm_out(out, active_phi, as_matrix_view(g, count, pq));
+  out.mul_(scale);
 }
 
 // out[o] = Σ_m y[m, o]: each thread sums a share of the rows, then the shares are added.
@@ -228,8 +228,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t i = 0; i < s.blocks.rows; ++i) {
         for (int64_t a = s.blocks.begin[i]; a < s.blocks.begin[i + 1]; ++a) row_of[a] = i;
       }
-      std::vector<int64_t> position(count);  // row-major position of each active block
-      for (int64_t a = 0; a < count; ++a) position[a] = row_of[a] * s.blocks.cols + s.blocks.col[a];
+      at::Tensor position = at::empty({count}, at::kLong);  // row-major position of each active block
+      int64_t* positions = position.data_ptr<int64_t>();
+      for (int64_t a = 0; a < count; ++a) positions[a] = row_of[a] * s.blocks.cols + s.blocks.col[a];
       if (need_w) {
         grad_w = at::zeros({s.out, s.in}, x.options());
         S* gw = grad_w.data_ptr<S>();
@@ -242,12 +243,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       if (need_phi) {
         grad_phi = at::zeros({s.K, s.blocks.rows, s.blocks.cols}, x.options());
-        S* gp = grad_phi.data_ptr<S>();
-        phi_gradient<S, T>(s, g.data(), pi.data(), position.data(), T(scale), gp, threads);
+        if (count > 0) phi_gradient<S, T>(s, g.data(), pi.data(), position, T(scale), grad_phi);
       }
       if (need_rows || need_cols) {
         std::vector<T> grad_pi(s.K * pq, T(0));
-        prototype_gradient<S, T>(s, g.data(), phi, position.data(), T(scale), grad_pi.data(), threads);
+        if (count > 0) prototype_gradient<S, T>(s, g.data(), pos_weights, position, T(scale), grad_pi.data());
         const S* u = cols.data_ptr<S>();
         const S* v = rows.data_ptr<S>();
         if (need_rows) {  // dV_k (r x q) = U_k^T dΠ_k
