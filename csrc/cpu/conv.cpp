@@ -432,9 +432,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // every centre lies inside x (the usual padding): with u = s dy_O B_O and
     // t = x_centre,S A_S^T,  dA_S = u^T x_centre,S,  dB_O = s dy_O^T t,  db_O =
     // the sum of dy_O.  Rank-r GEMMs over all positions, bound by reading x and
-    // dy; the GEMM engine below packs every position for them instead.
+    // dy; the GEMM engine below packs every position for them instead.  Only
+    // where x and dy hold exactly the active channels (compact, or nothing
+    // pruned): at full width with channels pruned, BLAS would need gathered
+    // copies of x_S and dy_O, which cost more than the engine's own gather.
     bool adapter_done = false;
-    if ((need_a || need_b || need_bias) && std::is_same_v<S, T> && s.S.count > 0 && s.O.count > 0) {
+    const bool activations_are_active = !s.x_list.ptr && !s.y_list.ptr;
+    if ((need_a || need_b || need_bias) && std::is_same_v<S, T> && s.S.count > 0 && s.O.count > 0 &&
+        activations_are_active) {
       const at::Tensor x_centre = need_a || need_b ? centre_taps_view(x, s) : at::Tensor();
       if (x_centre.defined() || !(need_a || need_b)) {
         adapter_done = true;
