@@ -67,7 +67,9 @@ inline BlockRows transposed(const BlockRows& by_row) {
 
 // Y (M x rows*bh, dtype S) = X (M x cols*bw) . B^T over the active blocks of
 // `blocks`, plus `bias` (per output column, may be null).  fill_block(I, a,
-// dst) writes block a (in row I) as a row-major (bh x bw) array of T.  Output
+// dst) writes block a (in row I) as a row-major (bh x bw) array of T; it is
+// called for the blocks of a row in order, all on one thread, so it may form
+// a whole row's blocks on the row's first call.  Output
 // columns of a block row without active blocks get the bias (or zero).
 template <typename S, typename T, typename FillBlock>
 void block_sparse_gemm(const TileKernels<T>& kern, const S* x, int64_t M, const BlockRows& blocks, int64_t bh,

@@ -82,29 +82,99 @@ std::vector<T> prototypes(const SPLoPAShapes& s, const S* rows, const S* cols) {
   return pi;
 }
 
-// Writes E_ij (p x q, row-major) for the block at row-major position (i, j).
+// The effective blocks E = W_ij + s ΔW_ij of a run of blocks that
+// block_sparse_gemm packs one after another (a block row for the forward, a
+// block column for dx).  ΔW of a run is a GEMM, s Φ_run (n x K) Π (K x pq):
+// it goes through the ISA's register tile, mr blocks by nr elements at a time,
+// with Π packed into tile panels once per call, instead of K passes of a
+// scalar loop over every block.
 template <typename S, typename T>
-struct EffectiveBlock {
-  const SPLoPAShapes* s;
-  const S* weight;
-  const S* pos_weights;
-  const T* pi;
-  T scale;
-
-  void operator()(int64_t i, int64_t j, T* dst) const {
-    const int64_t pq = s->p * s->q, n_blocks = s->blocks.rows * s->blocks.cols;
-    std::fill(dst, dst + pq, T(0));
-    for (int64_t k = 0; k < s->K; ++k) {
-      const T phi = scale * static_cast<T>(pos_weights[k * n_blocks + i * s->blocks.cols + j]);
-      const T* proto = pi + k * pq;
-      for (int64_t e = 0; e < pq; ++e) dst[e] += phi * proto[e];
-    }
-    for (int64_t a = 0; a < s->p; ++a) {
-      const S* w = weight + (i * s->p + a) * s->in + j * s->q;
-      for (int64_t b = 0; b < s->q; ++b) dst[a * s->q + b] += static_cast<T>(w[b]);
+class EffectiveBlocks {
+ public:
+  EffectiveBlocks(const TileKernels<T>& kernels, const SPLoPAShapes& s, const S* weight, const S* pos_weights,
+                  const std::vector<T>& pi, T scale)
+      : kern_(kernels), s_(s), weight_(weight), pos_weights_(pos_weights), scale_(scale),
+        pq_(s.p * s.q), panels_((pq_ + kernels.nr - 1) / kernels.nr),
+        packed_pi_(panels_ * s.K * kernels.nr + kSlack) {
+    const int nr = kern_.nr;
+    for (int64_t c = 0; c < panels_; ++c) {
+      T* panel = packed_pi_.get() + c * s.K * nr;
+      for (int64_t k = 0; k < s.K; ++k) {
+        for (int n = 0; n < nr; ++n) {
+          const int64_t e = c * nr + n;
+          panel[k * nr + n] = e < pq_ ? pi[k * pq_ + e] : T(0);
+        }
+      }
     }
   }
+
+  // Writes ΔW of the blocks at row-major positions[0..n) to run (n x pq).
+  void adapter_run(const int64_t* positions, int64_t n, std::vector<T>& run) const {
+    const int mr = kern_.mr, nr = kern_.nr;
+    const int64_t n_blocks = s_.blocks.rows * s_.blocks.cols;
+    run.resize(n * pq_);
+    thread_local std::vector<T> packed_phi, tile;
+    packed_phi.resize(s_.K * mr);
+    tile.resize(static_cast<size_t>(mr) * nr);
+    for (int64_t b0 = 0; b0 < n; b0 += mr) {
+      const int64_t rows = std::min<int64_t>(mr, n - b0);
+      for (int64_t k = 0; k < s_.K; ++k) {
+        for (int b = 0; b < mr; ++b) {
+          packed_phi[k * mr + b] =
+              b < rows ? scale_ * static_cast<T>(pos_weights_[k * n_blocks + positions[b0 + b]]) : T(0);
+        }
+      }
+      for (int64_t c = 0; c < panels_; ++c) {
+        kern_.tile(s_.K, packed_phi.data(), packed_pi_.get() + c * s_.K * nr, tile.data(), nr, false);
+        const int64_t width = std::min<int64_t>(nr, pq_ - c * nr);
+        for (int64_t b = 0; b < rows; ++b) {
+          std::copy(tile.data() + b * nr, tile.data() + b * nr + width, run.data() + (b0 + b) * pq_ + c * nr);
+        }
+      }
+    }
+  }
+
+  // dst (p x q, row-major) = W_ij + delta for the block at row-major position
+  // pos, delta its row of adapter_run.
+  void effective(int64_t pos, const T* delta, T* dst) const {
+    const int64_t i = pos / s_.blocks.cols, j = pos % s_.blocks.cols;
+    for (int64_t a = 0; a < s_.p; ++a) {
+      const S* w = weight_ + (i * s_.p + a) * s_.in + j * s_.q;
+      for (int64_t b = 0; b < s_.q; ++b) dst[a * s_.q + b] = static_cast<T>(w[b]) + delta[a * s_.q + b];
+    }
+  }
+
+  int64_t block_size() const { return pq_; }
+
+ private:
+  const TileKernels<T>& kern_;
+  const SPLoPAShapes& s_;
+  const S* weight_;
+  const S* pos_weights_;
+  T scale_;
+  int64_t pq_, panels_;
+  AlignedBuffer<T> packed_pi_;
 };
+
+// The fill callback of block_sparse_gemm over `blocks` (by block row for the
+// forward, by block column for dx): on the first block of a run it forms the
+// whole run's ΔW, then hands out each block's E.  block_sparse_gemm fills a
+// run's blocks in order on one thread, so the run lives in thread-local memory.
+// position(run, a) is block a's row-major position, and (i, j) its coordinates.
+template <typename S, typename T, typename Position>
+auto run_filler(const EffectiveBlocks<S, T>& effective, const BlockRows& blocks, Position position) {
+  return [&effective, &blocks, position](int64_t run, int64_t a, T* dst) {
+    thread_local std::vector<T> delta;
+    thread_local std::vector<int64_t> positions;
+    const int64_t first = blocks.begin[run];
+    if (a == first) {
+      positions.clear();
+      for (int64_t b = first; b < blocks.begin[run + 1]; ++b) positions.push_back(position(run, b));
+      effective.adapter_run(positions.data(), static_cast<int64_t>(positions.size()), delta);
+    }
+    effective.effective(position(run, a), delta.data() + (a - first) * effective.block_size(), dst);
+  };
+}
 
 // The active blocks' outer sums G (count x pq) and the prototypes Π (K x pq)
 // as tensors of the accumulation type over their own storage.
@@ -171,14 +241,16 @@ at::Tensor splopa_linear_forward(const at::Tensor& x, const at::Tensor& weight, 
     using S = scalar_t;
     using T = acc_t<S>;
     const std::vector<T> pi = prototypes<S, T>(s, rows.data_ptr<S>(), cols.data_ptr<S>());
-    const EffectiveBlock<S, T> effective{&s, weight.data_ptr<S>(), pos_weights.data_ptr<S>(), pi.data(), T(scale)};
+    const EffectiveBlocks<S, T> effective(kernels_for<T>(), s, weight.data_ptr<S>(), pos_weights.data_ptr<S>(), pi,
+                                          T(scale));
     std::vector<T> bias_t;
     if (has_bias) {
       const S* b = bias->data_ptr<S>();
       bias_t.assign(s.out, T(0));
       for (int64_t o = 0; o < s.out; ++o) bias_t[o] = static_cast<T>(b[o]);
     }
-    auto fill = [&](int64_t i, int64_t a, T* dst) { effective(i, s.blocks.col[a], dst); };
+    const auto fill = run_filler(effective, s.blocks,
+                                 [&](int64_t i, int64_t a) { return i * s.blocks.cols + s.blocks.col[a]; });
     block_sparse_gemm<S, T>(kernels_for<T>(), x.data_ptr<S>(), s.M, s.blocks, s.p, s.q, fill,
                             has_bias ? bias_t.data() : nullptr, y.data_ptr<S>(), gemm_threads());
   });
@@ -208,11 +280,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // dx_j = Σ_i dy_i E_ij: the forward's engine over the transposed structure, blocks E_ij^T (q x p).
       grad_x = at::empty({s.M, s.in}, x.options());
       const BlockRows by_column = transposed(s.blocks);
-      const EffectiveBlock<S, T> effective{&s, weight.data_ptr<S>(), phi, pi.data(), T(scale)};
+      const EffectiveBlocks<S, T> effective(kernels_for<T>(), s, weight.data_ptr<S>(), phi, pi, T(scale));
+      const auto effective_block = run_filler(
+          effective, by_column, [&](int64_t j, int64_t a) { return by_column.col[a] * s.blocks.cols + j; });
       auto fill = [&](int64_t j, int64_t a, T* dst) {
         thread_local std::vector<T> block;
         block.resize(pq);
-        effective(by_column.col[a], j, block.data());
+        effective_block(j, a, block.data());
         for (int64_t r = 0; r < s.p; ++r) {
           for (int64_t c = 0; c < s.q; ++c) dst[c * s.p + r] = block[r * s.q + c];
         }
