@@ -160,13 +160,24 @@ void block_sparse_gemm(const TileKernels<T>& kern, const S* x, int64_t M, const 
           started[i] = 1;
         }
       }
-      for (int64_t i = i_first; i < i_last; ++i) {
-        const T* b = bias ? bias + i * bh : nullptr;
-        for (int64_t r = 0; r < rows; ++r) {
-          S* out = y + (m0 + r) * out_width + i * bh;
-          const T* row = c.get() + r * ldc_all + (i - i_first) * ldc;
-          for (int64_t n = 0; n < bh; ++n) {
-            out[n] = static_cast<S>((started[i] ? row[n] : T(0)) + (b ? b[n] : T(0)));
+      // Row by row, so each thread writes its share of an output row in one
+      // contiguous run (block row by block row, it would write bh elements
+      // every out_width, a fresh pair of cache lines per store).
+      for (int64_t r = 0; r < rows; ++r) {
+        S* out_row = y + (m0 + r) * out_width;
+        const T* c_row = c.get() + r * ldc_all;
+        for (int64_t i = i_first; i < i_last; ++i) {
+          S* out = out_row + i * bh;
+          const T* row = c_row + (i - i_first) * ldc;
+          const T* b = bias ? bias + i * bh : nullptr;
+          if (started[i] && b) {
+            for (int64_t n = 0; n < bh; ++n) out[n] = static_cast<S>(row[n] + b[n]);
+          } else if (started[i]) {
+            for (int64_t n = 0; n < bh; ++n) out[n] = static_cast<S>(row[n]);
+          } else if (b) {
+            for (int64_t n = 0; n < bh; ++n) out[n] = static_cast<S>(b[n]);
+          } else {
+            std::fill(out, out + bh, S(0));
           }
         }
       }
