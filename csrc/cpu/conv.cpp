@@ -258,11 +258,12 @@ at::Tensor spread(const at::Tensor& active, int64_t dim, IndexList list, int64_t
   return at::zeros(sizes, active.options()).index_copy_(dim, index_tensor(list), active);
 }
 
-// x_S at the centre tap of every output position, (N, |S|, output positions):
-// a strided view of x when every centre lies inside x, else undefined (a
-// centre in the padding; the GEMM path handles that).
+// x at the centre tap of every output position, (N, |S|, output positions),
+// for an x holding exactly the active channels: a strided view of x when every
+// centre lies inside x, else undefined (a centre in the padding; the GEMM path
+// handles that).
 at::Tensor centre_taps_view(const at::Tensor& x, const ConvShapes& s) {
-  at::Tensor v = gather(x, 1, s.x_list);
+  at::Tensor v = x;
   const int64_t d = x.dim() - 2;
   for (int64_t i = 0; i < d; ++i) {
     const int j = static_cast<int>(3 - d + i);
@@ -443,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const at::Tensor x_centre = need_a || need_b ? centre_taps_view(x, s) : at::Tensor();
       if (x_centre.defined() || !(need_a || need_b)) {
         adapter_done = true;
-        const at::Tensor dy_active = gather(grad_out.view({s.N, s.y_channels, s.out_plane()}), 1, s.y_list);
+        const at::Tensor dy_active = grad_out.view({s.N, s.O.count, s.out_plane()});
         if (need_bias) grad_bias = spread(dy_active.sum({0, 2}), 0, s.O, s.C_out);
         // bmm with the small factor broadcast over the batch: at::matmul would
         // fold a 2-D @ 3-D product by transposing (copying) the activation.
