@@ -413,14 +413,23 @@ def check_splora_conv_args(
     With ``compact_input`` dimension 1 of ``x`` holds the active inputs only.
     """
     check_compact_flags(compact_input, compact_output)
+    # A module passes its factors as it holds them, (1, r, in) and (1, out, r) (ops.library.factor).
+    held = trusted and isinstance(lora_a, Tensor) and lora_a.dim() == 3
     if (trusted and not (compact_input or compact_output) and d is None and isinstance(weight, Tensor)
-            and weight.dim() >= 2 and isinstance(lora_a, Tensor) and lora_a.dim() == 2):
-        rank = lora_a.shape[0]
+            and weight.dim() >= 2 and isinstance(lora_a, Tensor) and lora_a.dim() in (2, 3)):
+        rank = lora_a.shape[-2]
         shapes = ((rank, weight.shape[1]), (weight.shape[0], rank))
+        if held:
+            shapes = tuple((1, *shape) for shape in shapes)
         if rank >= 1 and _module_conv_call_is_valid(x, weight, bias, (lora_a, lora_b), shapes, stride, padding,
                                                     dilation, groups):
             return (*_check_conv_indices(x, weight, groups, in_idx, out_idx, trusted, False), stride, padding,
                     dilation, groups, float(scale))
+    if held:
+        if lora_a.shape[0] != 1 or not (isinstance(lora_b, Tensor) and lora_b.dim() == 3 and lora_b.shape[0] == 1):
+            raise ValueError("a module's lora_a and lora_b must be (1, r, in) and (1, out, r), got "
+                             f"{tuple(lora_a.shape)} and {tuple(getattr(lora_b, 'shape', ()))}")
+        lora_a, lora_b = lora_a.detach()[0], lora_b.detach()[0]  # checked as the 2-D factors they hold
     d, groups = _check_conv_tensors(d, x, weight, bias, groups, compact_input)
     out_channels, group_in = weight.shape[0], weight.shape[1]
     if (lora_a is None) != (lora_b is None):

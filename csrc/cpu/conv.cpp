@@ -27,6 +27,7 @@
 #include "conv_geometry.h"
 #include "conv_operands.h"
 #include "isa.h"
+#include "kernels.h"
 #include "masked_gemm.h"
 #include "padded_patches.h"
 #include "scatter_rows.h"
@@ -172,6 +173,8 @@ PatchTaps input_taps(const ConvShapes& s, const std::vector<int64_t>& index, con
   return taps;
 }
 
+}  // namespace
+
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& lora_a,
                         const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& adapter,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_idx,
@@ -240,6 +243,8 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
   return y;
 }
 
+namespace {
+
 // An index list as a tensor over its own storage (index_select only reads it).
 at::Tensor index_tensor(IndexList list) {
   return at::from_blob(const_cast<int64_t*>(list.ptr), {list.count}, at::TensorOptions().dtype(at::kLong));
@@ -306,6 +311,8 @@ at::Tensor strided_input_gradient(const at::Tensor& grad_out, const at::Tensor& 
   return std::get<0>(at::convolution_backward(dy, x_shape, w.contiguous(format), std::nullopt, stride, padding,
                                               dilation, false, no_output_padding, 1, {true, false, false}));
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
@@ -547,8 +554,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   return {grad_x, grad_w, grad_a, grad_b, grad_p, grad_bias};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(spa_kernels_cpu, m) {
   m.def(

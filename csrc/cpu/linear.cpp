@@ -24,6 +24,7 @@
 #include <tuple>
 
 #include "isa.h"
+#include "kernels.h"
 #include "masked_gemm.h"
 #include "packed_column_sums.h"
 #include "scatter_rows.h"
@@ -101,6 +102,8 @@ void rank_product(const Operand<S>& activations, const GatherMatrix<S>& factor, 
   masked_gemm<T>(kernels_for<T>(), M, rank, activations, f, StoreDense<T>{out, ld_out ? ld_out : rank, scale},
                  threads);
 }
+
+}  // namespace
 
 at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
@@ -282,8 +285,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
   });
   return {grad_x, grad_w, grad_a, grad_b, grad_bias};
 }
-
-}  // namespace
 
 TORCH_LIBRARY(spa_kernels_cpu, m) {
   m.def(

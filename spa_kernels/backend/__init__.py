@@ -91,6 +91,16 @@ class Backend:
                 return fn
         return None
 
+    def autograd_kernel(self, op: str) -> Callable | None:
+        """The function ``<op>_autograd``, or None: the whole op, forward and backward, with its own autograd.
+
+        It takes the op's arguments less ``backend``.  A backend offers one where
+        its autograd runs natively (the cpu backend's, in C++), so that an eager
+        call skips the Python autograd formula; it must compute exactly what the
+        op's forward and backward entries compute.
+        """
+        return self.kernel(f"{op}_autograd")
+
     def implements(self, op: str) -> bool:
         return self.kernel(f"{op}_forward") is not None and self.kernel(f"{op}_backward") is not None
 
@@ -287,6 +297,12 @@ def get(name: str) -> Backend:
     if impl is None:
         raise ValueError(_not_registered(name))
     return impl
+
+
+def autograd_kernel(name: str, op: str) -> Callable | None:
+    """The ``<op>_autograd`` entry of the registered backend ``name`` (see :meth:`Backend.autograd_kernel`), or None."""
+    impl = _REGISTRY.get(name)
+    return None if impl is None else impl.autograd_kernel(op)
 
 
 def kernel(name: str, entry: str) -> Callable:

@@ -12,7 +12,9 @@ import math
 import numbers
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from .channel_masked import held_tensor
 
 
 def check_init_range(init_range: object) -> float | None:
@@ -58,6 +60,14 @@ class LowRankAdapter(nn.Module):
     @property
     def rank(self) -> int:
         return self.rows.shape[1]
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` for the op layer: ``rows`` and ``cols`` as held, ``(1, r, in)`` and ``(1, out, r)``.
+
+        Not ``rows[0]``: a view per call would add an autograd node per factor to
+        every training step, which the op layer does without.
+        """
+        return held_tensor(self, "rows"), held_tensor(self, "cols")
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.rows, a=math.sqrt(5))

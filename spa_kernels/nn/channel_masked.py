@@ -29,6 +29,20 @@ from .._validation import check_mask
 
 MASK_NAMES = ("in_mask", "out_mask")
 
+_MISSING = object()
+
+
+def held_tensor(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` for a parameter, read straight from the module's parameter dict.
+
+    ``nn.Module`` reaches parameters through ``__getattr__``, after a failed
+    attribute lookup: about 1 µs a read, several per forward of a small layer.
+    Where the name is not in the dict (a parametrization or weight norm put it
+    elsewhere) the ordinary lookup finds it.
+    """
+    value = module._parameters.get(name, _MISSING)
+    return getattr(module, name) if value is _MISSING else value
+
 
 def indices_from_mask(mask: Tensor) -> Tensor | None:
     """Sorted int64 positions of the True entries of ``mask``; ``None`` if all are True."""

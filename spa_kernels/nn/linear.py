@@ -12,7 +12,7 @@ from .._validation import check_rank, check_scale
 from ..backend import check_name
 from ..functional import splora_linear_trusted
 from .adapter import LowRankAdapter
-from .channel_masked import ChannelMasked
+from .channel_masked import ChannelMasked, held_tensor
 
 DEFAULT_RANK = 16
 DEFAULT_INIT_RANGE = 1e-4
@@ -119,10 +119,10 @@ class SPLoRALinear(ChannelMasked, nn.Linear):
         nn.Linear.reset_parameters(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        adapter = self.adapter
+        lora_a, lora_b = self._modules["adapter"].factors()
         return splora_linear_trusted(
-            input, self.weight, adapter.rows[0], adapter.cols[0], self.bias,
-            self.in_idx, self.out_idx, self.scale, self.backend, **self._compact_flags(),
+            input, held_tensor(self, "weight"), lora_a, lora_b, held_tensor(self, "bias"),
+            self.in_idx, self.out_idx, self.scale, self.backend, self.compact_input, self.compact_output,
         )
 
     # ------------------------------------------------------------------ conversion

@@ -9,6 +9,7 @@ from .. import functional
 from .._validation import check_rank, check_scale
 from .adapted_conv import DEFAULT_INIT_RANGE, AdaptedConvNd
 from .adapter import LowRankAdapter
+from .channel_masked import held_tensor
 
 DEFAULT_RANK = 16
 
@@ -105,7 +106,7 @@ class _SPLoRAConvNd(AdaptedConvNd):
     def forward(self, input: Tensor) -> Tensor:
         x, unbatched = self._prepare_input(input)
         y = functional.splora_conv_trusted(
-            x, self.weight, self.adapter.rows[0], self.adapter.cols[0], self.bias,
+            x, held_tensor(self, "weight"), *self._modules["adapter"].factors(), held_tensor(self, "bias"),
             self.in_idx, self.out_idx, scale=self.scale, **self._conv_args(), **self._compact_flags(),
         )
         return y.squeeze(0) if unbatched else y

@@ -9,6 +9,7 @@ from torch.nn.modules.conv import _ConvNd
 from .. import functional
 from .adapted_conv import DEFAULT_INIT_RANGE, AdaptedConvNd
 from .adapter import check_init_range
+from .channel_masked import held_tensor
 
 
 class _SPPaRAConvNd(AdaptedConvNd):
@@ -94,7 +95,8 @@ class _SPPaRAConvNd(AdaptedConvNd):
     def forward(self, input: Tensor) -> Tensor:
         x, unbatched = self._prepare_input(input)
         y = functional.sppara_conv_trusted(
-            x, self.weight, self.adapter, self.bias, self.in_idx, self.out_idx, **self._conv_args(),
+            x, held_tensor(self, "weight"), held_tensor(self, "adapter"), held_tensor(self, "bias"), self.in_idx,
+            self.out_idx, **self._conv_args(),
             **self._compact_flags(),
         )
         return y.squeeze(0) if unbatched else y

@@ -42,12 +42,14 @@ from .library import (
     compact_width,
     contiguous,
     define_op,
+    factor,
     fake_gradients,
     gradient_shapes,
     refuse_derivative,
     register_autograd,
     register_fake,
     run_backward,
+    shaped_as,
     run_forward,
     wanted,
     with_placeholders,
@@ -116,7 +118,7 @@ def splora_conv(
     check_groups(backend, groups)
     if x.shape[0] == 0:
         return x.new_zeros(_output_shape(x, weight, out_idx, stride, padding, dilation, compact_output))
-    operands = (weight.contiguous(), contiguous(lora_a), contiguous(lora_b), contiguous(bias), in_idx, out_idx,
+    operands = (weight.contiguous(), factor(lora_a), factor(lora_b), contiguous(bias), in_idx, out_idx,
                 *_geometry(stride, padding, dilation), groups, scale)
     return run_forward(backend, "splora_conv_forward", x.contiguous(), operands, in_idx, out_idx,
                        _channels(weight, groups)[0], compact_input, compact_output)
@@ -154,10 +156,11 @@ def splora_conv_backward(
     if x.shape[0] == 0:
         grads = zero_gradients(mask, gradient_shapes(x, weight, lora_a, lora_b, out_channels=weight.shape[0]), x)
     else:
-        operands = (weight.contiguous(), contiguous(lora_a), contiguous(lora_b), in_idx, out_idx,
+        operands = (weight.contiguous(), factor(lora_a), factor(lora_b), in_idx, out_idx,
                     *_geometry(stride, padding, dilation), groups, scale, mask)
         grads = run_backward(backend, "splora_conv_backward", grad_out.contiguous(), x.contiguous(), operands,
                              in_idx, out_idx, *_channels(weight, groups), compact_input, compact_output)
+        grads = (*grads[:2], shaped_as(grads[2], lora_a), shaped_as(grads[3], lora_b), grads[4])
     return with_placeholders(grads, x)
 
 

@@ -23,7 +23,9 @@ Even so, a call through the dispatcher into a Python kernel and through the
 Python autograd kernel costs some 20 µs, more than a small layer computes.  So
 :func:`call` runs an op's implementation and autograd formula directly, as an
 ``autograd.Function``, whenever nothing between the caller and the op could want
-to see it (see :func:`runs_directly`): in plain eager code.  Under
+to see it (see :func:`runs_directly`): in plain eager code.  Where the backend
+carries the op's autograd itself (the cpu backend's, in C++) that runs instead,
+and the backward never enters Python.  Under
 torch.compile, a dispatch or function mode (fake tensors, tracing, FLOP
 counters), a tensor subclass, a functorch transform, the JIT tracer or the
 profiler the op goes through the dispatcher as before.  Either way the same
@@ -39,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.overrides import has_torch_function
 
-from ..backend import get, kernel
+from ..backend import autograd_kernel, get, kernel
 
 NAMESPACE = "spa_kernels"
 
@@ -58,7 +60,7 @@ def define_op(name: str, *, schema: str | None = None) -> Callable[[Callable], t
         _LIBRARY.define(name + op_schema, tags=(torch.Tag.pt2_compliant_tag,))
         _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
         op = getattr(getattr(torch.ops, NAMESPACE), name).default
-        _DIRECT[op] = DirectCall(fn, _leading_tensor_count(op))
+        _DIRECT[op] = DirectCall(name, fn, _leading_tensor_count(op), _backend_position(op))
         return op
 
     return register
@@ -96,9 +98,17 @@ def register_autograd(op: torch._ops.OpOverload, backward: Callable, *, setup_co
 class DirectCall:
     """What :func:`call` needs of an op: its implementation, how many tensors lead its arguments, its formula."""
 
+    name: str
     implementation: Callable
     tensor_count: int
+    backend_position: int  # of the ``backend`` argument
     function: type[torch.autograd.Function] | None = None  # None for ops without an autograd formula
+
+    def native(self, backend: str) -> Callable | None:
+        """The backend's ``<op>_autograd`` entry (see ``Backend.autograd_kernel``) for ops with a formula, or None."""
+        if self.function is None:
+            return None
+        return autograd_kernel(backend, self.name)
 
 
 _DIRECT: dict[torch._ops.OpOverload, DirectCall] = {}
@@ -112,6 +122,11 @@ def _leading_tensor_count(op: torch._ops.OpOverload) -> int:
             break
         count += 1
     return count
+
+
+def _backend_position(op: torch._ops.OpOverload) -> int:
+    """Index of the ``backend`` argument: every op here takes the resolved backend name."""
+    return next(i for i, argument in enumerate(op._schema.arguments) if argument.name == "backend")
 
 
 def runs_directly(tensors: Sequence[Tensor | None]) -> bool:
@@ -143,14 +158,20 @@ def _any_requires_grad(tensors: Sequence[Tensor | None]) -> bool:
 def call(op: torch._ops.OpOverload, *args):
     """``op(*args)``, running the implementation (and formula) directly where :func:`runs_directly`.
 
-    Without a gradient to record the implementation runs as is; with one it runs
-    as an ``autograd.Function`` holding the op's own formula (for a backward op,
-    the formula of :func:`refuse_derivative`, as through the dispatcher).
+    A backend with an ``<op>_autograd`` entry (its own autograd, e.g. in C++)
+    runs that.  Otherwise, without a gradient to record the implementation runs
+    as is; with one it runs as an ``autograd.Function`` holding the op's own
+    formula (for a backward op, the formula of :func:`refuse_derivative`, as
+    through the dispatcher).
     """
     direct = _DIRECT[op]
     tensors = args[:direct.tensor_count]
     if not runs_directly(tensors):
         return op(*args)
+    position = direct.backend_position
+    native = direct.native(args[position])
+    if native is not None:
+        return native(*args[:position], *args[position + 1:])
     if torch.is_grad_enabled() and _any_requires_grad(tensors):
         if direct.function is None:
             return op(*args)
@@ -181,6 +202,28 @@ def refuse_derivative(op: torch._ops.OpOverload) -> None:
 def contiguous(t: Tensor | None) -> Tensor | None:
     """``t`` made contiguous (``None`` stays ``None``): backends never see strides."""
     return None if t is None else t.contiguous()
+
+
+def factor(t: Tensor | None) -> Tensor | None:
+    """An adapter factor as backends take it: 2-D and contiguous (``None`` stays ``None``).
+
+    Modules pass ``A`` and ``B`` as they hold them, ``(1, r, in)`` and ``(1, out, r)``:
+    taking ``[0]`` in the module would add a view, and its autograd node, per call.
+    """
+    if t is None:
+        return None
+    if t.dim() == 3:
+        if t.shape[0] != 1:
+            raise ValueError(f"an adapter factor must be 2-D, or 3-D with a leading dimension of 1; got {tuple(t.shape)}")
+        t = t[0]
+    return t.contiguous()
+
+
+def shaped_as(grad: Tensor | None, operand: Tensor | None) -> Tensor | None:
+    """A backend's gradient of ``operand`` (a 2-D factor) in ``operand``'s own shape."""
+    if grad is None or operand is None or grad.shape == operand.shape:
+        return grad
+    return own_storage(grad.contiguous(), tuple(operand.shape))
 
 
 def as_matrix(t: Tensor, columns) -> Tensor:

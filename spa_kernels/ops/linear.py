@@ -27,10 +27,12 @@ from .library import (
     compact_width,
     contiguous,
     define_op,
+    factor,
     fake_gradients,
     gradient_shapes,
     own_storage,
     refuse_derivative,
+    shaped_as,
     register_autograd,
     register_fake,
     run_backward,
@@ -63,7 +65,7 @@ def splora_linear(
     x2d = as_matrix(x, x.shape[-1])
     if x2d.shape[0] == 0:
         return x.new_zeros(*lead, y_width)
-    operands = (weight.contiguous(), contiguous(lora_a), contiguous(lora_b), contiguous(bias), in_idx, out_idx, scale)
+    operands = (weight.contiguous(), factor(lora_a), factor(lora_b), contiguous(bias), in_idx, out_idx, scale)
     y = run_forward(backend, "splora_linear_forward", x2d, operands, in_idx, out_idx, in_features,
                     compact_input, compact_output)
     return own_storage(y.contiguous(), (*lead, y_width))
@@ -102,9 +104,10 @@ def splora_linear_backward(
     if x2d.shape[0] == 0:
         grads = zero_gradients(mask, gradient_shapes(x2d, weight, lora_a, lora_b, out_channels=out_features), x2d)
     else:
-        operands = (weight.contiguous(), contiguous(lora_a), contiguous(lora_b), in_idx, out_idx, scale, mask)
+        operands = (weight.contiguous(), factor(lora_a), factor(lora_b), in_idx, out_idx, scale, mask)
         grads = run_backward(backend, "splora_linear_backward", grad2d, x2d, operands, in_idx, out_idx, in_features,
                              out_features, compact_input, compact_output)
+        grads = (*grads[:2], shaped_as(grads[2], lora_a), shaped_as(grads[3], lora_b), grads[4])
     grad_x = own_storage(grads[0].contiguous(), tuple(x.shape)) if grads[0] is not None else None
     return with_placeholders((grad_x, *grads[1:]), x)
 

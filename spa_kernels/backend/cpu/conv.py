@@ -5,12 +5,16 @@ serves both families: SPLoRA passes ``lora_a``/``lora_b`` and no ``adapter``,
 SPPaRA the reverse.  ``groups`` is always 1 here: the backend's capabilities
 exclude grouped convolutions, and the op layer checks them before calling.
 Compact activations are native: the flags go straight to the C++ ops.
+The ``*_autograd`` entries are the op whole, forward and backward kernels joined
+by an autograd written in C++ (``torch.ops.spa_kernels_cpu.conv``), for eager calls.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .. import check_groups
 
 
 def splora_conv_forward(x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups,
@@ -49,3 +53,21 @@ def sppara_conv_backward(grad_out, x, weight, adapter, in_idx, out_idx, stride, 
     )
     grad_x, grad_w, _, _, grad_p, grad_bias = grads
     return grad_x, grad_w, grad_p, grad_bias
+
+
+def splora_conv_autograd(x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale,
+                         compact_input=False, compact_output=False) -> Tensor:
+    check_groups("cpu", groups)
+    return torch.ops.spa_kernels_cpu.conv(
+        x, weight, lora_a, lora_b, None, bias, in_idx, out_idx, stride, padding, dilation, scale, compact_input,
+        compact_output,
+    )
+
+
+def sppara_conv_autograd(x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups,
+                         compact_input=False, compact_output=False) -> Tensor:
+    check_groups("cpu", groups)
+    return torch.ops.spa_kernels_cpu.conv(
+        x, weight, None, None, adapter, bias, in_idx, out_idx, stride, padding, dilation, 1.0, compact_input,
+        compact_output,
+    )

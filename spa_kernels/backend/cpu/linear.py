@@ -1,6 +1,9 @@
-"""SPLoRA linear on the compiled extension (``torch.ops.spa_kernels_cpu.splora_linear_*``).
+"""SPLoRA linear on the compiled extension (``torch.ops.spa_kernels_cpu.splora_linear*``).
 
 Compact activations are native: the flags go straight to the C++ ops.
+``splora_linear_autograd`` is the forward and backward kernels joined by an
+autograd written in C++ (csrc/cpu/autograd.cpp); the op layer calls it in eager
+code, where a Python autograd formula would cost more than a small layer computes.
 """
 
 from __future__ import annotations
@@ -23,4 +26,11 @@ def splora_linear_backward(grad_out, x, weight, lora_a, lora_b, in_idx, out_idx,
             grad_out, x, weight, lora_a, lora_b, in_idx, out_idx, scale, list(output_mask), compact_input,
             compact_output,
         )
+    )
+
+
+def splora_linear_autograd(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, compact_input=False,
+                           compact_output=False) -> Tensor:
+    return torch.ops.spa_kernels_cpu.splora_linear(
+        x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, compact_input, compact_output
     )
