@@ -151,7 +151,9 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     const auto a = factor(lora_a, "lora_a"), b = factor(lora_b, "lora_b");
     const at::Tensor y = splora_linear_forward(x2, w, a, b, contiguous(bias), in_idx, out_idx, scale,
                                                compact_input, compact_output);
-    ctx->save_for_backward({x2, w, a.value_or(at::Tensor()), b.value_or(at::Tensor()),
+    // The operands as given: backward re-derives the kernels' views, and a
+    // create_graph backward needs the given tensors' autograd edges.
+    ctx->save_for_backward({x, weight, lora_a.value_or(at::Tensor()), lora_b.value_or(at::Tensor()),
                             in_idx.value_or(at::Tensor()), out_idx.value_or(at::Tensor())});
     ctx->saved_data["x_shape"] = x.sizes();
     ctx->saved_data["lora_a_shape"] = factor_shape(lora_a);
@@ -165,8 +167,8 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x2 = saved[0], &w = saved[1];
-    const auto a = present(saved[2]), b = present(saved[3]);
+    const at::Tensor x2 = as_matrix(saved[0]), w = saved[1].contiguous();
+    const auto a = factor(present(saved[2]), "lora_a"), b = factor(present(saved[3]), "lora_b");
     const std::array<bool, 5> mask = needed_gradients<5>(
         ctx, {true, true, a.has_value(), b.has_value(), ctx->saved_data["has_bias"].toBool()});
     const at::Tensor& grad_out = grad_outputs[0];
@@ -178,7 +180,7 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
     if (dx.defined()) dx = reshaped(dx, ctx->saved_data["x_shape"].toIntVector());
     variable_list grads{dx, dw, shaped_like(da, saved_shape(ctx->saved_data["lora_a_shape"])),
                         shaped_like(db, saved_shape(ctx->saved_data["lora_b_shape"])), dbias};
-    refuse_double_backward(grads, {x2, w, saved[2], saved[3]}, "splora_linear");
+    refuse_double_backward(grads, {saved[0], saved[1], saved[2], saved[3]}, "splora_linear");
     grads.resize(10);  // in_idx, out_idx, scale and the flags have none
     return grads;
   }
@@ -225,8 +227,9 @@ struct ConvFunction : public torch::autograd::Function<ConvFunction> {
     const auto a = factor(lora_a, "lora_a"), b = factor(lora_b, "lora_b"), p = contiguous(adapter);
     at::Tensor y = conv_forward(xc, w, a, b, p, contiguous(bias), in_idx, out_idx, stride, padding, dilation, scale,
                                 compact_input, compact_output);
-    ctx->save_for_backward({xc, w, a.value_or(at::Tensor()), b.value_or(at::Tensor()), p.value_or(at::Tensor()),
-                            in_idx.value_or(at::Tensor()), out_idx.value_or(at::Tensor())});
+    ctx->save_for_backward({x, weight, lora_a.value_or(at::Tensor()), lora_b.value_or(at::Tensor()),
+                            adapter.value_or(at::Tensor()), in_idx.value_or(at::Tensor()),
+                            out_idx.value_or(at::Tensor())});
     ctx->saved_data["lora_a_shape"] = factor_shape(lora_a);
     ctx->saved_data["lora_b_shape"] = factor_shape(lora_b);
     ctx->saved_data["stride"] = stride;
@@ -241,14 +244,15 @@ struct ConvFunction : public torch::autograd::Function<ConvFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const auto a = present(saved[2]), b = present(saved[3]), p = present(saved[4]);
+    const auto a = factor(present(saved[2]), "lora_a"), b = factor(present(saved[3]), "lora_b");
+    const auto p = contiguous(present(saved[4]));
     const std::array<bool, 6> mask = needed_gradients<6>(
         ctx, {true, true, a.has_value(), b.has_value(), p.has_value(), ctx->saved_data["has_bias"].toBool()});
     const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
     const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
     const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
     auto [dx, dw, da, db, dp, dbias] = conv_backward(
-        grad_outputs[0].contiguous(), saved[0], saved[1], a, b, p, present(saved[5]), present(saved[6]), stride,
+        grad_outputs[0].contiguous(), saved[0].contiguous(), saved[1].contiguous(), a, b, p, present(saved[5]), present(saved[6]), stride,
         padding, dilation, ctx->saved_data["scale"].toDouble(), mask, ctx->saved_data["compact_input"].toBool(),
         ctx->saved_data["compact_output"].toBool());
     variable_list grads{dx, dw, shaped_like(da, saved_shape(ctx->saved_data["lora_a_shape"])),
