@@ -316,6 +316,8 @@ def splora_conv_trusted(
     The dimensionality comes from ``weight``.  Shapes, dtypes and geometry are
     checked (host-side, no sync); the index checks that read values and the
     finiteness check of ``scale`` are skipped, so torch.compile traces it whole.
+    ``lora_a`` and ``lora_b`` may also come as modules hold them, ``(1, r, in)``
+    and ``(1, out, r)``.
     """
     return _splora_conv(None, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups,
                         scale, backend, compact_input, compact_output, trusted=True)

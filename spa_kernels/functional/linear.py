@@ -82,7 +82,8 @@ def splora_linear_trusted(
     """``splora_linear`` for modules, whose index lists are valid by construction.
 
     Skips the index checks that read values (a host sync on GPUs); shapes are
-    still the caller's responsibility to keep consistent.
+    still the caller's responsibility to keep consistent.  ``lora_a`` and
+    ``lora_b`` may also come as modules hold them, ``(1, r, in)`` and ``(1, out, r)``.
     """
     x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
     if compact_input or compact_output:

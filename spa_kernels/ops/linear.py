@@ -11,6 +11,10 @@ capabilities include compact activations get the two flags as keywords; for
 the others the op widens the compact tensors to full width with zeros before
 the kernel and narrows its results after.
 
+``lora_a`` and ``lora_b`` are ``(r, in)`` and ``(out, r)``, or ``(1, r, in)`` and
+``(1, out, r)`` as modules hold them (``library.factor``); backends always get them
+2-D, and their gradients come back in the shape given.
+
 ``splora_linear_backward`` returns five tensors (x, weight, lora_a, lora_b,
 bias gradients); a gradient that was not asked for comes back as an empty
 placeholder, because op schemas cannot return ``None``.
@@ -32,11 +36,11 @@ from .library import (
     gradient_shapes,
     own_storage,
     refuse_derivative,
-    shaped_as,
     register_autograd,
     register_fake,
     run_backward,
     run_forward,
+    shaped_as,
     wanted,
     with_placeholders,
     zero_gradients,

@@ -18,7 +18,7 @@ import threading
 
 import pytest
 import torch
-from support.linear_cases import recording_backend_calls
+from support.linear_cases import expected_backend_calls, recording_backend_calls
 
 import spa_kernels
 from spa_kernels import backend as backend_policy
@@ -72,34 +72,39 @@ def run(backend=None, dtype=torch.float32, backward=True) -> list[str]:
     return calls
 
 
+def ran(name: str) -> list[str]:
+    """What :func:`run` returns when its forward and backward ran on backend ``name``."""
+    return expected_backend_calls(name, "splora_linear", backward=True)
+
+
 # --------------------------------------------------------------------------- auto
 
 
 def test_auto_prefers_cpu_over_reference(spies):
-    assert run() == ["cpu", "cpu"]
-    assert run(backend="auto") == ["cpu", "cpu"]
+    assert run() == ran("cpu")
+    assert run(backend="auto") == ran("cpu")
     assert spies["cpu"].calls == ["forward", "backward"] * 2
     assert spies["triton"].calls == []
 
 
 def test_auto_never_picks_the_triton_interpreter_on_cpu(spies, monkeypatch):
     monkeypatch.delitem(backend_policy._REGISTRY, "cpu")
-    assert run() == ["reference", "reference"]
+    assert run() == ran("reference")
     assert spies["triton"].calls == []
 
 
 def test_auto_falls_back_silently_for_an_unsupported_dtype(spies, caplog):
     install_spy("cpu", spies["cpu"], dtypes=(torch.float32,))
     caplog.set_level(logging.DEBUG, logger="spa_kernels")
-    assert run(dtype=torch.float64) == ["reference", "reference"]
+    assert run(dtype=torch.float64) == ran("reference")
     assert any("cpu" in record.getMessage() for record in caplog.records), "auto fell back without a debug log"
-    assert run(dtype=torch.float32) == ["cpu", "cpu"]
+    assert run(dtype=torch.float32) == ran("cpu")
 
 
 def test_auto_without_cpu_build_uses_reference(spies, monkeypatch):
     monkeypatch.delitem(backend_policy._REGISTRY, "cpu")
     monkeypatch.delitem(backend_policy._REGISTRY, "triton")
-    assert run() == ["reference", "reference"]
+    assert run() == ran("reference")
     assert spa_kernels.backends("cpu") == ["reference"]
 
 
@@ -117,24 +122,24 @@ def test_use_backend_forces_forward_and_backward(spies):
     with spa_kernels.use_backend("triton"):
         assert run() == ["triton", "triton"]
     assert spies["triton"].calls == ["forward", "backward"]
-    assert run() == ["cpu", "cpu"], "use_backend leaked out of its block"
+    assert run() == ran("cpu"), "use_backend leaked out of its block"
 
 
 def test_use_backend_nesting_restores_the_outer_choice(spies):
     with spa_kernels.use_backend("triton"):
         with spa_kernels.use_backend("reference"):
-            assert run() == ["reference", "reference"]
+            assert run() == ran("reference")
             with spa_kernels.use_backend("auto"):
-                assert run() == ["cpu", "cpu"]
-            assert run() == ["reference", "reference"]
+                assert run() == ran("cpu")
+            assert run() == ran("reference")
         assert run() == ["triton", "triton"]
-    assert run() == ["cpu", "cpu"]
+    assert run() == ran("cpu")
 
 
 def test_use_backend_restores_after_an_exception(spies):
     with pytest.raises(RuntimeError, match="inside"), spa_kernels.use_backend("triton"):
         raise RuntimeError("inside")
-    assert run() == ["cpu", "cpu"]
+    assert run() == ran("cpu")
 
 
 def test_backward_runs_on_the_forward_backend(spies):
@@ -167,16 +172,16 @@ def test_use_backend_is_honoured_by_compiled_code(spies):
                                                  ("auto", "cpu"), ("", "cpu")])
 def test_environment_variable_sets_the_default(spies, monkeypatch, value, expected):
     monkeypatch.setenv("SPA_KERNELS_BACKEND", value)
-    assert run() == [expected, expected]
+    assert run() == ran(expected)
 
 
 def test_precedence_explicit_then_use_backend_then_environment(spies, monkeypatch):
     monkeypatch.setenv("SPA_KERNELS_BACKEND", "triton")
     assert run() == ["triton", "triton"]
     with spa_kernels.use_backend("reference"):
-        assert run() == ["reference", "reference"], "use_backend must win over the environment"
-        assert run(backend="cpu") == ["cpu", "cpu"], "an explicit backend= must win over use_backend"
-    assert run(backend="cpu") == ["cpu", "cpu"], "an explicit backend= must win over the environment"
+        assert run() == ran("reference"), "use_backend must win over the environment"
+        assert run(backend="cpu") == ran("cpu"), "an explicit backend= must win over use_backend"
+    assert run(backend="cpu") == ran("cpu"), "an explicit backend= must win over the environment"
 
 
 def test_explicit_backend_that_cannot_run_raises(spies):
@@ -209,13 +214,13 @@ def test_auto_picks_cpu_when_built_else_reference(monkeypatch):
     assert ("cpu" in spa_kernels.backends("cpu")) == built, spa_kernels.backend.cpu.BUILD_ERROR
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         expected = "cpu" if built and spa_kernels.backend.cpu.CAPABILITIES.runs("cpu", dtype) else "reference"
-        assert run(dtype=dtype) == [expected, expected], f"auto for {dtype}"
+        assert run(dtype=dtype) == ran(expected), f"auto for {dtype}"
 
 
 @pytest.mark.parametrize("backend", spa_kernels.backends("cpu"))
 def test_explicit_backend_runs_that_backend(backend, monkeypatch):
     monkeypatch.setenv("SPA_KERNELS_BACKEND", "reference" if backend != "reference" else "auto")
-    assert run(backend=backend) == [backend, backend]
+    assert run(backend=backend) == ran(backend)
 
 
 def test_use_backend_is_local_to_its_thread(spies):
@@ -230,7 +235,7 @@ def test_use_backend_is_local_to_its_thread(spies):
     worker.start()
     try:
         assert entered.wait(timeout=30)
-        assert run() == ["cpu", "cpu"], "another thread's use_backend block changed this thread's backend"
+        assert run() == ran("cpu"), "another thread's use_backend block changed this thread's backend"
     finally:
         release.set()
         worker.join()

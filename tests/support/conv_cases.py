@@ -26,7 +26,12 @@ from torch import Tensor
 
 import spa_kernels
 from spa_kernels import backend as backend_policy
-from support.linear_cases import _forward_and_grads, _pick_indices, recording_backend_calls
+from support.linear_cases import (
+    _forward_and_grads,
+    _pick_indices,
+    expected_backend_calls,
+    recording_backend_calls,
+)
 
 SPLORA_NAMES = ("x", "weight", "lora_a", "lora_b", "bias")
 SPPARA_NAMES = ("x", "weight", "adapter", "bias")
@@ -397,7 +402,7 @@ def run_api(case: ConvCase, dtype: torch.dtype, backend: str | None,
     assert y.dtype == dtype, f"output dtype {y.dtype}, expected {dtype}"
     assert tuple(y.shape) == spec.out_shape, f"output shape {tuple(y.shape)}, expected {spec.out_shape}"
     if spec.batch > 0:
-        expected_calls = [expected_backend or backend] * (2 if names else 1)
+        expected_calls = expected_backend_calls(expected_backend or backend, op_of(spec), bool(names))
         assert calls == expected_calls, f"op layer ran backends {calls}, expected {expected_calls}"
     for name in names:
         grad = result[name]
