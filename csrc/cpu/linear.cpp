@@ -28,6 +28,7 @@
 #include "masked_gemm.h"
 #include "packed_column_sums.h"
 #include "scatter_rows.h"
+#include "small_problems.h"
 
 namespace spa_kernels::cpu {
 namespace {
@@ -103,6 +104,120 @@ void rank_product(const Operand<S>& activations, const GatherMatrix<S>& factor, 
                  threads);
 }
 
+// ------------------------------------------------------------------ small problems (small_problems.h)
+
+template <typename S>
+const S* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<S>() : nullptr;
+}
+
+// Row m of an activation at its active columns, as T.
+template <typename S, typename T>
+void gather_row(const S* data, int64_t ld, int64_t m, IndexList cols, T* row) {
+  const S* src = data + m * ld;
+  for (int64_t k = 0; k < cols.count; ++k) row[k] = static_cast<T>(src[at_index(cols, k)]);
+}
+
+// Row m of an activation from its active columns (zero elsewhere).
+template <typename S, typename T>
+void scatter_row(const T* row, IndexList cols, int64_t width, int64_t m, S* data) {
+  S* dst = data + m * width;
+  if (cols.ptr) std::fill(dst, dst + width, S(0));
+  for (int64_t k = 0; k < cols.count; ++k) dst[at_index(cols, k)] = static_cast<S>(row[k]);
+}
+
+// y_O = x_S (W_OS + s B_O A_S)^T + b_O, row by row.
+template <typename S>
+void small_linear_forward(const LinearShapes& s, const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                          const std::optional<at::Tensor>& bias, double scale, at::Tensor& y) {
+  using T = acc_t<S>;
+  const std::vector<T> merged = merged_block<S, T>(weight.data_ptr<S>(), s.in, 1, 0, s.O, s.S,
+                                                   data_or_null<S>(lora_a), data_or_null<S>(lora_b), s.rank,
+                                                   T(scale), nullptr);
+  // Transposed, so that the inner loop runs over contiguous outputs (vectorised).
+  std::vector<T> by_input(merged.size());
+  for (int64_t o = 0; o < s.O.count; ++o) {
+    for (int64_t k = 0; k < s.S.count; ++k) by_input[k * s.O.count + o] = merged[o * s.S.count + k];
+  }
+  const S* bp = data_or_null<S>(bias);
+  std::vector<T> bias_active(s.O.count, T(0));
+  for (int64_t o = 0; bp && o < s.O.count; ++o) bias_active[o] = static_cast<T>(bp[at_index(s.O, o)]);
+  std::vector<T> in_row(s.S.count), out_row(s.O.count);
+  for (int64_t m = 0; m < s.M; ++m) {
+    gather_row(x.data_ptr<S>(), s.x_width, m, s.x_cols, in_row.data());
+    T* __restrict out = out_row.data();
+    std::copy(bias_active.begin(), bias_active.end(), out);
+    for (int64_t k = 0; k < s.S.count; ++k) {
+      const T xk = in_row[k];
+      const T* __restrict w = by_input.data() + k * s.O.count;
+      for (int64_t o = 0; o < s.O.count; ++o) out[o] += xk * w[o];
+    }
+    scatter_row(out_row.data(), s.y_cols, s.y_width, m, y.data_ptr<S>());
+  }
+}
+
+// dx_S = dy_O (W_OS + s B_O A_S) row by row; G = dy_O^T x_S and db_O = sum dy_O
+// summed on the way, and dW, dA, dB from G.  Outputs are allocated here.
+template <typename S>
+void small_linear_backward(const LinearShapes& s, const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor& weight, const std::optional<at::Tensor>& lora_a,
+                           const std::optional<at::Tensor>& lora_b, double scale, bool need_x, bool need_w,
+                           bool need_a, bool need_b, bool need_bias, at::Tensor& grad_x, at::Tensor& grad_w,
+                           at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_bias) {
+  using T = acc_t<S>;
+  const S* a = data_or_null<S>(lora_a);
+  const S* b = data_or_null<S>(lora_b);
+  const bool need_g = need_w || need_a || need_b;
+  const std::vector<T> merged = need_x ? merged_block<S, T>(weight.data_ptr<S>(), s.in, 1, 0, s.O, s.S, a, b, s.rank,
+                                                            T(scale), nullptr)
+                                       : std::vector<T>();
+  std::vector<T> g(need_g ? s.O.count * s.S.count : 0), bias_sum(s.O.count);
+  std::vector<T> dy_row(s.O.count), x_row(s.S.count), dx_row(s.S.count);
+  if (need_x) grad_x = at::empty({s.M, s.x_width}, x.options());
+  for (int64_t m = 0; m < s.M; ++m) {
+    gather_row(grad_out.data_ptr<S>(), s.y_width, m, s.y_cols, dy_row.data());
+    for (int64_t o = 0; o < s.O.count; ++o) bias_sum[o] += dy_row[o];
+    if (need_g) {
+      gather_row(x.data_ptr<S>(), s.x_width, m, s.x_cols, x_row.data());
+      const T* __restrict xr = x_row.data();
+      for (int64_t o = 0; o < s.O.count; ++o) {
+        T* __restrict g_row = g.data() + o * s.S.count;
+        const T d = dy_row[o];
+        for (int64_t k = 0; k < s.S.count; ++k) g_row[k] += d * xr[k];
+      }
+    }
+    if (need_x) {
+      T* __restrict dx = dx_row.data();
+      std::fill(dx, dx + s.S.count, T(0));
+      for (int64_t o = 0; o < s.O.count; ++o) {
+        const T* __restrict w = merged.data() + o * s.S.count;
+        const T d = dy_row[o];
+        for (int64_t k = 0; k < s.S.count; ++k) dx[k] += d * w[k];
+      }
+      scatter_row(dx_row.data(), s.x_cols, s.x_width, m, grad_x.data_ptr<S>());
+    }
+  }
+  if (need_w) {
+    grad_w = at::zeros({s.out, s.in}, x.options());
+    S* gw = grad_w.data_ptr<S>();
+    for (int64_t o = 0; o < s.O.count; ++o) {
+      for (int64_t k = 0; k < s.S.count; ++k) gw[at_index(s.O, o) * s.in + at_index(s.S, k)] = static_cast<S>(g[o * s.S.count + k]);
+    }
+  }
+  if (need_a) grad_a = at::zeros({s.rank, s.in}, x.options());
+  if (need_b) grad_b = at::zeros({s.out, s.rank}, x.options());
+  if (need_a || need_b) {
+    adapter_gradients<S, T>(g, s.in, s.O, s.S, a, b, s.rank, T(scale), need_a ? grad_a.data_ptr<S>() : nullptr,
+                            need_b ? grad_b.data_ptr<S>() : nullptr, nullptr);
+  }
+  if (need_bias) {
+    grad_bias = at::zeros({s.out}, x.options());
+    S* gb = grad_bias.data_ptr<S>();
+    for (int64_t o = 0; o < s.O.count; ++o) gb[at_index(s.O, o)] = static_cast<S>(bias_sum[o]);
+  }
+}
+
 }  // namespace
 
 at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -120,6 +235,12 @@ at::Tensor splora_linear_forward(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor y = at::empty({s.M, s.y_width}, x.options());
   if (s.M == 0) return y;
   if (s.O.count == 0) return y.zero_();
+  if (s.M * s.O.count * s.S.count <= small_problem_limit()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "splora_linear_forward", [&] {
+      small_linear_forward<scalar_t>(s, x, weight, lora_a, lora_b, bias, scale, y);
+    });
+    return y;
+  }
   const int threads = gemm_threads();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "splora_linear_forward", [&] {
@@ -160,8 +281,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> splora_li
                     s.y_width, ")");
   const auto [need_x, need_w, need_a_asked, need_b_asked, need_bias] = output_mask;
   const bool need_a = need_a_asked && s.rank > 0, need_b = need_b_asked && s.rank > 0;
-  const int threads = gemm_threads();
   at::Tensor grad_x, grad_w, grad_a, grad_b, grad_bias;
+  if (s.M * s.O.count * s.S.count <= small_problem_limit()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "splora_linear_backward", [&] {
+      small_linear_backward<scalar_t>(s, grad_out, x, weight, lora_a, lora_b, scale, need_x, need_w, need_a, need_b,
+                                      need_bias, grad_x, grad_w, grad_a, grad_b, grad_bias);
+    });
+    return {grad_x, grad_w, grad_a, grad_b, grad_bias};
+  }
+  const int threads = gemm_threads();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "splora_linear_backward", [&] {
     using S = scalar_t;

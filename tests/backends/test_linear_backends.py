@@ -40,7 +40,7 @@ from support.linear_cases import (
 import spa_kernels
 
 SPECS = {**SMALL_SPECS, **BIG_SPECS}
-BACKENDS = non_reference_backend_params()
+BACKENDS = non_reference_backend_params(with_small_problems=True)
 # The interpreter is slow: low precision on a representative subset only.
 TRITON_LOW_PRECISION_SPECS = {
     "basic", "nd-x", "rank-above-in", "keep-0.1", "all-pruned", "one-channel", "plain-linear",

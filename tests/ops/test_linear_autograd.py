@@ -25,7 +25,8 @@ from support.linear_cases import (
 
 import spa_kernels
 
-ALL_BACKENDS = [pytest.param(("reference", None), id="reference"), *non_reference_backend_params()]
+ALL_BACKENDS = [pytest.param(("reference", None), id="reference"),
+                *non_reference_backend_params(with_small_problems=True)]
 OP_BACKENDS = spa_kernels.backends("cpu")  # opcheck and compile: one run per backend name
 
 TINY_SPECS = {

@@ -538,11 +538,18 @@ def poison_pruned(case: LinearCase, value: float = float("nan")) -> LinearCase:
 # --------------------------------------------------------------------------- backends
 
 
-def non_reference_backend_params(*, with_isa: bool = True) -> list:
+# The "ISA" of a cpu param that runs the kernels' small-problem loops (csrc/cpu/small_problems.h)
+# wherever a call is small enough; the per-ISA params run the GEMM engine always.
+SMALL_PROBLEMS = "small-problems"
+
+
+def non_reference_backend_params(*, with_isa: bool = True, with_small_problems: bool = False) -> list:
     """``pytest.param``s of every non-reference CPU backend, one per ISA for "cpu".
 
-    An empty list becomes a single skipped param, so a machine with nothing
-    built reports a skip with the reason rather than passing vacuously.
+    ``with_small_problems`` adds a "cpu" param for the small-problem loops (the
+    linear kernels have them).  An empty list becomes a single skipped param, so
+    a machine with nothing built reports a skip with the reason rather than
+    passing vacuously.
     """
     params = []
     for name in spa_kernels.backends("cpu"):
@@ -552,6 +559,8 @@ def non_reference_backend_params(*, with_isa: bool = True) -> list:
             isas = spa_kernels.backend.cpu.supported_isas()
             for isa in isas:
                 params.append(pytest.param((name, isa), id=f"cpu-{isa}"))
+            if with_small_problems:
+                params.append(pytest.param((name, SMALL_PROBLEMS), id=f"cpu-{SMALL_PROBLEMS}"))
             if not isas:  # built but reports no ISA: run once, test_cpu_isa_api fails
                 params.append(pytest.param((name, None), id="cpu"))
         else:
@@ -567,17 +576,27 @@ def non_reference_backend_params(*, with_isa: bool = True) -> list:
 
 @contextlib.contextmanager
 def forced_isa(isa: str | None) -> Iterator[None]:
-    """Force the cpu backend's instruction set; restore the previous one afterwards."""
+    """Force the cpu backend's instruction set, on the GEMM engine for every call; restore both afterwards.
+
+    ``SMALL_PROBLEMS`` keeps the instruction set and the small-problem loops on
+    (their default limit); ``None`` changes nothing.
+    """
     if isa is None:
         yield
         return
-    previous = spa_kernels.backend.cpu.isa()
-    spa_kernels.backend.cpu.set_isa(isa)
+    cpu = spa_kernels.backend.cpu
+    previous_isa, previous_limit = cpu.isa(), cpu.small_problem_limit()
+    if isa == SMALL_PROBLEMS:
+        assert previous_limit > 0, "the small-problem loops are off by default"
+    else:
+        cpu.set_isa(isa)
+        cpu.set_small_problem_limit(0)
     try:
-        assert spa_kernels.backend.cpu.isa() == isa, f"set_isa({isa!r}) left isa() == {spa_kernels.backend.cpu.isa()!r}"
+        assert isa == SMALL_PROBLEMS or cpu.isa() == isa, f"set_isa({isa!r}) left isa() == {cpu.isa()!r}"
         yield
     finally:
-        spa_kernels.backend.cpu.set_isa(previous)
+        cpu.set_isa(previous_isa)
+        cpu.set_small_problem_limit(previous_limit)
 
 
 def skip_unless_available(backend: str, dtype: torch.dtype) -> None:

@@ -38,6 +38,21 @@ def supported_isas() -> list[str]:
     return list(_extension.extension.supported_cpu_isas()) if BUILT else []
 
 
+def small_problem_limit() -> int | None:
+    """Multiply-adds of a call's main product at or below which the kernels run plain loops (None without the build).
+
+    Such calls skip the GEMM engine, whose fixed cost would exceed their arithmetic.
+    """
+    return _extension.extension.small_problem_limit() if BUILT else None
+
+
+def set_small_problem_limit(macs: int) -> None:
+    """Set :func:`small_problem_limit` (0: the GEMM engine always), e.g. for tests of either path."""
+    if not BUILT:
+        raise RuntimeError(f"the cpu backend is not built: {BUILD_ERROR}")
+    _extension.extension.set_small_problem_limit(int(macs))
+
+
 def max_threads() -> int | None:
     """OpenMP threads a kernel call may use (None without the build)."""
     return _extension.extension.max_threads() if BUILT else None
@@ -60,6 +75,8 @@ __all__ = [
     "max_threads",
     "name",
     "set_isa",
+    "set_small_problem_limit",
+    "small_problem_limit",
     "splopa_linear_backward",
     "splopa_linear_forward",
     "splora_conv_backward",
