@@ -31,6 +31,7 @@
 #include "masked_gemm.h"
 #include "padded_patches.h"
 #include "scatter_rows.h"
+#include "small_problems.h"
 
 namespace spa_kernels::cpu {
 namespace {
@@ -173,6 +174,155 @@ PatchTaps input_taps(const ConvShapes& s, const std::vector<int64_t>& index, con
   return taps;
 }
 
+// ------------------------------------------------------------------ small problems (small_problems.h)
+
+bool is_small(const ConvShapes& s) {
+  return s.N * s.out_plane() * s.O.count * s.S.count * s.taps <= small_problem_limit();
+}
+
+template <typename S>
+const S* data_or_null(const std::optional<at::Tensor>& t) {
+  return present(t) ? t->data_ptr<S>() : nullptr;
+}
+
+// Input offset within a plane of the tap t at output position p, or -1 where it
+// falls in the padding.
+int64_t tap_source(const ConvShapes& s, int64_t p, int64_t t) {
+  const int64_t coord[3] = {p / (s.out[1] * s.out[2]), (p / s.out[2]) % s.out[1], p % s.out[2]};
+  int64_t offset = 0;
+  for (int d = 0; d < 3; ++d) {
+    const int64_t i = coord[d] * s.stride[d] + s.tap_offset(t, d);
+    if (i < 0 || i >= s.in[d]) return -1;
+    offset = offset * s.in[d] + i;
+  }
+  return offset;
+}
+
+// The patch of sample n at output position p: (k, tap) over the active inputs, 0 in the padding.
+template <typename S, typename T>
+void gather_patch(const ConvShapes& s, const S* x, int64_t n, int64_t p, T* patch) {
+  const int64_t plane = s.in_plane();
+  for (int64_t t = 0; t < s.taps; ++t) {
+    const int64_t src = tap_source(s, p, t);
+    for (int64_t k = 0; k < s.S.count; ++k) {
+      patch[k * s.taps + t] =
+          src < 0 ? T(0) : static_cast<T>(x[(n * s.x_channels + at_index(s.x_list, k)) * plane + src]);
+    }
+  }
+}
+
+template <typename S, typename T>
+std::vector<T> merged_conv_block(const ConvShapes& s, const at::Tensor& weight, const std::optional<at::Tensor>& lora_a,
+                                 const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& adapter,
+                                 double scale) {
+  return merged_block<S, T>(weight.data_ptr<S>(), s.C_in, s.taps, s.centre, s.O, s.S, data_or_null<S>(lora_a),
+                            data_or_null<S>(lora_b), s.rank, T(scale), data_or_null<S>(adapter));
+}
+
+// y_O at each position = the patch of x_S times the merged block, + b_O.
+template <typename S>
+void small_conv_forward(const ConvShapes& s, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                        const std::optional<at::Tensor>& adapter, const std::optional<at::Tensor>& bias, double scale,
+                        at::Tensor& y) {
+  using T = acc_t<S>;
+  const std::vector<T> merged = merged_conv_block<S, T>(s, weight, lora_a, lora_b, adapter, scale);
+  const S* bp = data_or_null<S>(bias);
+  const int64_t depth = s.S.count * s.taps, plane = s.out_plane();
+  if (s.y_list.ptr) y.zero_();
+  S* yp = y.data_ptr<S>();
+  std::vector<T> patch(depth);
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t p = 0; p < plane; ++p) {
+      gather_patch(s, x.data_ptr<S>(), n, p, patch.data());
+      for (int64_t o = 0; o < s.O.count; ++o) {
+        const T* __restrict w = merged.data() + o * depth;
+        T acc = bp ? static_cast<T>(bp[at_index(s.O, o)]) : T(0);
+        for (int64_t e = 0; e < depth; ++e) acc += patch[e] * w[e];
+        yp[(n * s.y_channels + at_index(s.y_list, o)) * plane + p] = static_cast<S>(acc);
+      }
+    }
+  }
+}
+
+// Per position: dpatch = dy_O . merged block, spread back onto dx; G = dy_O^T
+// patch (every tap: dW; the centre: the adapters') and db_O = sum dy_O summed on the way.
+template <typename S>
+void small_conv_backward(const ConvShapes& s, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                         const std::optional<at::Tensor>& adapter, double scale, std::array<bool, 6> need,
+                         std::array<at::Tensor, 6>& grads) {
+  using T = acc_t<S>;
+  const auto [need_x, need_w, need_a, need_b, need_p, need_bias] = need;
+  const bool need_g = need_w || need_a || need_b || need_p;
+  const int64_t depth = s.S.count * s.taps, plane = s.out_plane(), in_plane = s.in_plane();
+  const std::vector<T> merged =
+      need_x ? merged_conv_block<S, T>(s, weight, lora_a, lora_b, adapter, scale) : std::vector<T>();
+  std::vector<T> g(need_g ? s.O.count * depth : 0), bias_sum(s.O.count), patch(depth), dpatch(depth);
+  std::vector<T> dx(need_x ? s.N * s.S.count * in_plane : 0);
+  const S* dy = grad_out.data_ptr<S>();
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t p = 0; p < plane; ++p) {
+      if (need_g) gather_patch(s, x.data_ptr<S>(), n, p, patch.data());
+      std::fill(dpatch.begin(), dpatch.end(), T(0));
+      for (int64_t o = 0; o < s.O.count; ++o) {
+        const T d = static_cast<T>(dy[(n * s.y_channels + at_index(s.y_list, o)) * plane + p]);
+        bias_sum[o] += d;
+        if (need_g) {
+          T* __restrict g_row = g.data() + o * depth;
+          for (int64_t e = 0; e < depth; ++e) g_row[e] += d * patch[e];
+        }
+        if (need_x) {
+          const T* __restrict w = merged.data() + o * depth;
+          for (int64_t e = 0; e < depth; ++e) dpatch[e] += d * w[e];
+        }
+      }
+      for (int64_t t = 0; need_x && t < s.taps; ++t) {
+        const int64_t src = tap_source(s, p, t);
+        if (src < 0) continue;
+        for (int64_t k = 0; k < s.S.count; ++k) dx[(n * s.S.count + k) * in_plane + src] += dpatch[k * s.taps + t];
+      }
+    }
+  }
+  if (need_x) {
+    at::Tensor& grad_x = grads[0];
+    grad_x = at::zeros(x.sizes(), x.options());
+    S* gx = grad_x.data_ptr<S>();
+    for (int64_t n = 0; n < s.N; ++n) {
+      for (int64_t k = 0; k < s.S.count; ++k) {
+        S* dst = gx + (n * s.x_channels + at_index(s.x_list, k)) * in_plane;
+        const T* src = dx.data() + (n * s.S.count + k) * in_plane;
+        for (int64_t i = 0; i < in_plane; ++i) dst[i] = static_cast<S>(src[i]);
+      }
+    }
+  }
+  if (need_w) {
+    grads[1] = at::zeros(weight.sizes(), x.options());
+    S* gw = grads[1].data_ptr<S>();
+    for (int64_t o = 0; o < s.O.count; ++o) {
+      for (int64_t k = 0; k < s.S.count; ++k) {
+        S* dst = gw + (at_index(s.O, o) * s.C_in + at_index(s.S, k)) * s.taps;
+        for (int64_t t = 0; t < s.taps; ++t) dst[t] = static_cast<S>(g[o * depth + k * s.taps + t]);
+      }
+    }
+  }
+  if (need_a || need_b || need_p) {
+    std::vector<T> centre(s.O.count * s.S.count);
+    for (int64_t e = 0; e < s.O.count * s.S.count; ++e) centre[e] = g[e * s.taps + s.centre];
+    if (need_a) grads[2] = at::zeros({s.rank, s.C_in}, x.options());
+    if (need_b) grads[3] = at::zeros({s.C_out, s.rank}, x.options());
+    if (need_p) grads[4] = at::zeros({s.C_out, s.C_in}, x.options());
+    adapter_gradients<S, T>(centre, s.C_in, s.O, s.S, data_or_null<S>(lora_a), data_or_null<S>(lora_b), s.rank,
+                            T(scale), need_a ? grads[2].data_ptr<S>() : nullptr,
+                            need_b ? grads[3].data_ptr<S>() : nullptr, need_p ? grads[4].data_ptr<S>() : nullptr);
+  }
+  if (need_bias) {
+    grads[5] = at::zeros({s.C_out}, x.options());
+    S* gb = grads[5].data_ptr<S>();
+    for (int64_t o = 0; o < s.O.count; ++o) gb[at_index(s.O, o)] = static_cast<S>(bias_sum[o]);
+  }
+}
+
 }  // namespace
 
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& lora_a,
@@ -191,6 +341,12 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
   at::Tensor y = at::empty(out_shape, x.options());
   if (s.N == 0) return y;
   if (s.O.count == 0) return y.zero_();
+  if (is_small(s)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_forward", [&] {
+      small_conv_forward<scalar_t>(s, x, weight, lora_a, lora_b, adapter, bias, scale, y);
+    });
+    return y;
+  }
   const int threads = gemm_threads();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_forward", [&] {
@@ -330,6 +486,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto [need_x, need_w, need_a_asked, need_b_asked, need_p_asked, need_bias] = output_mask;
   const bool need_a = need_a_asked && s.rank > 0, need_b = need_b_asked && s.rank > 0;
   const bool need_p = need_p_asked && present(adapter);
+  if (is_small(s)) {
+    std::array<at::Tensor, 6> grads;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_backward", [&] {
+      small_conv_backward<scalar_t>(s, grad_out, x, weight, lora_a, lora_b, adapter, scale,
+                                    {need_x, need_w, need_a, need_b, need_p, need_bias}, grads);
+    });
+    return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
+  }
   const int threads = gemm_threads();
   const int64_t M = s.N * s.out_plane();
   at::Tensor grad_x, grad_w, grad_a, grad_b, grad_p, grad_bias;

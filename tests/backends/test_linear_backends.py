@@ -214,3 +214,18 @@ def test_cpu_backend_thread_counts(backend, threads):
         _check_named(backend, "big-primes-noncontiguous", torch.bfloat16)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif(not spa_kernels.backend.cpu.BUILT, reason="the cpu backend is not built")
+def test_small_problem_limit_is_settable_and_checked():
+    cpu = spa_kernels.backend.cpu
+    previous = cpu.small_problem_limit()
+    assert previous > 0, "the small-problem loops must be on by default"
+    try:
+        cpu.set_small_problem_limit(0)
+        assert cpu.small_problem_limit() == 0
+        with pytest.raises(ValueError, match="small-problem limit"):
+            cpu.set_small_problem_limit(-1)
+        assert cpu.small_problem_limit() == 0
+    finally:
+        cpu.set_small_problem_limit(previous)

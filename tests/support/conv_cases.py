@@ -27,6 +27,7 @@ from torch import Tensor
 import spa_kernels
 from spa_kernels import backend as backend_policy
 from support.linear_cases import (
+    SMALL_PROBLEMS,
     _forward_and_grads,
     _pick_indices,
     expected_backend_calls,
@@ -541,7 +542,7 @@ def implements(backend: str, op: str) -> bool:
 
 
 def conv_backend_params(op: str) -> list:
-    """``pytest.param``s of every non-reference CPU backend that implements ``op``, one per ISA for "cpu"."""
+    """``pytest.param``s of every non-reference CPU backend that implements ``op``: for "cpu" one per ISA, and its small-problem loops."""
     params = []
     for name in spa_kernels.backends("cpu"):
         if name == "reference" or not implements(name, op):
@@ -549,6 +550,8 @@ def conv_backend_params(op: str) -> list:
         if name == "cpu":
             isas = spa_kernels.backend.cpu.supported_isas() or [None]
             params += [pytest.param((name, isa), id=f"cpu-{isa}" if isa else "cpu") for isa in isas]
+            if isas != [None]:  # and the small-problem loops, wherever a case is small enough
+                params.append(pytest.param((name, SMALL_PROBLEMS), id=f"cpu-{SMALL_PROBLEMS}"))
         else:
             params.append(pytest.param((name, None), id=name))
     if not params:
