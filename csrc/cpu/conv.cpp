@@ -225,7 +225,7 @@ void small_conv_forward(const ConvShapes& s, const at::Tensor& x, const at::Tens
                         const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                         const std::optional<at::Tensor>& adapter, const std::optional<at::Tensor>& bias, double scale,
                         at::Tensor& y) {
-  using T = acc_t<S>;
+  using T = small_acc_t<S>;
   const std::vector<T> merged = merged_conv_block<S, T>(s, weight, lora_a, lora_b, adapter, scale);
   const int64_t depth = s.S.count * s.taps, plane = s.out_plane();
   // Transposed, so that the inner loop runs over contiguous outputs (vectorised
@@ -264,7 +264,7 @@ void small_conv_backward(const ConvShapes& s, const at::Tensor& grad_out, const 
                          const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                          const std::optional<at::Tensor>& adapter, double scale, std::array<bool, 6> need,
                          std::array<at::Tensor, 6>& grads) {
-  using T = acc_t<S>;
+  using T = small_acc_t<S>;
   const auto [need_x, need_w, need_a, need_b, need_p, need_bias] = need;
   const bool need_g = need_w || need_a || need_b || need_p;
   const int64_t depth = s.S.count * s.taps, plane = s.out_plane(), in_plane = s.in_plane();

@@ -131,7 +131,7 @@ template <typename S>
 void small_linear_forward(const LinearShapes& s, const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                           const std::optional<at::Tensor>& bias, double scale, at::Tensor& y) {
-  using T = acc_t<S>;
+  using T = small_acc_t<S>;
   const std::vector<T> merged = merged_block<S, T>(weight.data_ptr<S>(), s.in, 1, 0, s.O, s.S,
                                                    data_or_null<S>(lora_a), data_or_null<S>(lora_b), s.rank,
                                                    T(scale), nullptr);
@@ -165,7 +165,7 @@ void small_linear_backward(const LinearShapes& s, const at::Tensor& grad_out, co
                            const std::optional<at::Tensor>& lora_b, double scale, bool need_x, bool need_w,
                            bool need_a, bool need_b, bool need_bias, at::Tensor& grad_x, at::Tensor& grad_w,
                            at::Tensor& grad_a, at::Tensor& grad_b, at::Tensor& grad_bias) {
-  using T = acc_t<S>;
+  using T = small_acc_t<S>;
   const S* a = data_or_null<S>(lora_a);
   const S* b = data_or_null<S>(lora_b);
   const bool need_g = need_w || need_a || need_b;

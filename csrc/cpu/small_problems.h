@@ -12,11 +12,19 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "scatter_rows.h"
 
 namespace spa_kernels::cpu {
+
+// The loops' accumulator: double for float.  They add products one by one
+// without the tile kernels' fused multiply-adds (this file is built for the
+// baseline ISA), and a short sum that cancels would lose the digits the tests
+// (and the engine) keep; at these sizes double costs little.
+template <typename S>
+using small_acc_t = std::conditional_t<std::is_same_v<S, float>, double, acc_t<S>>;
 
 // Multiply-adds of the main product at or below which a call takes the loops.
 int64_t small_problem_limit();
