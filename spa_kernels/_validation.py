@@ -425,26 +425,28 @@ def check_splora_conv_args(
                                                     dilation, groups):
             return (*_check_conv_indices(x, weight, groups, in_idx, out_idx, trusted, False), stride, padding,
                     dilation, groups, float(scale))
-    if held:
-        if lora_a.shape[0] != 1 or not (isinstance(lora_b, Tensor) and lora_b.dim() == 3 and lora_b.shape[0] == 1):
-            raise ValueError("a module's lora_a and lora_b must be (1, r, in) and (1, out, r), got "
-                             f"{tuple(lora_a.shape)} and {tuple(getattr(lora_b, 'shape', ()))}")
-        lora_a, lora_b = lora_a.detach()[0], lora_b.detach()[0]  # checked as the 2-D factors they hold
+    if held and (lora_a.shape[0] != 1 or not (isinstance(lora_b, Tensor) and lora_b.dim() == 3
+                                              and lora_b.shape[0] == 1)):
+        raise ValueError("a module's lora_a and lora_b must be (1, r, in) and (1, out, r), got "
+                         f"{tuple(lora_a.shape)} and {tuple(getattr(lora_b, 'shape', ()))}")
     d, groups = _check_conv_tensors(d, x, weight, bias, groups, compact_input)
     out_channels, group_in = weight.shape[0], weight.shape[1]
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a and lora_b must be given together (or both None)")
     if lora_a is not None:
-        check_tensor(lora_a, "lora_a", ndim=2)
-        check_tensor(lora_b, "lora_b", ndim=2)
+        # A module's factors are checked as the 2-D matrices they hold, without a view per call.
+        factor_dims = 3 if held else 2
+        check_tensor(lora_a, "lora_a", ndim=factor_dims)
+        check_tensor(lora_b, "lora_b", ndim=factor_dims)
         check_float_tensor(lora_a, "lora_a", x, "x")
         check_float_tensor(lora_b, "lora_b", x, "x")
-        rank = lora_a.shape[0]
+        a_shape, b_shape = tuple(lora_a.shape[-2:]), tuple(lora_b.shape[-2:])
+        rank = a_shape[0]
         if rank <= 0:
             raise ValueError(f"lora_a must have rank >= 1 rows, got shape {tuple(lora_a.shape)}")
-        if lora_a.shape[1] != group_in:
+        if a_shape[1] != group_in:
             raise ValueError(f"lora_a must have shape (r, C_in/groups) = (r, {group_in}), got {tuple(lora_a.shape)}")
-        if tuple(lora_b.shape) != (out_channels, rank):
+        if b_shape != (out_channels, rank):
             raise ValueError(f"lora_b must have shape ({out_channels}, {rank}), got {tuple(lora_b.shape)}")
     stride, padding, dilation = check_conv_geometry(stride, padding, dilation, tuple(weight.shape[2:]))
     _check_output_size(x, weight, stride, padding, dilation)

@@ -117,8 +117,6 @@ ConvShapes check_conv(const at::Tensor& x, const at::Tensor& weight, const std::
   return s;
 }
 
-int64_t at_list(IndexList l, int64_t i) { return l.ptr ? l.ptr[i] : i; }
-
 // Depth entries (list index, tap) over `count` channels, centre taps first.
 void centre_first(const ConvShapes& s, int64_t count, std::vector<int64_t>& index, std::vector<int64_t>& tap) {
   for (int64_t c = 0; c < count; ++c) index.push_back(c), tap.push_back(s.centre);
@@ -169,7 +167,7 @@ PatchTaps input_taps(const ConvShapes& s, const std::vector<int64_t>& index, con
   PatchTaps taps;
   for (size_t i = 0; i < index.size(); ++i) {
     const int64_t off[3] = {s.tap_offset(tap[i], 0), s.tap_offset(tap[i], 1), s.tap_offset(tap[i], 2)};
-    taps.add(at_list(s.x_list, index[i]), off);
+    taps.add(at_index(s.x_list, index[i]), off);
   }
   return taps;
 }
@@ -178,11 +176,6 @@ PatchTaps input_taps(const ConvShapes& s, const std::vector<int64_t>& index, con
 
 bool is_small(const ConvShapes& s) {
   return s.N * s.out_plane() * s.O.count * s.S.count * s.taps <= small_problem_limit();
-}
-
-template <typename S>
-const S* data_or_null(const std::optional<at::Tensor>& t) {
-  return present(t) ? t->data_ptr<S>() : nullptr;
 }
 
 // Input offset within a plane of the tap t at output position p, or -1 where it
@@ -399,7 +392,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const std
     }
     std::vector<T> bias_active;
     if (present(bias)) {
-      for (int64_t o = 0; o < s.O.count; ++o) bias_active.push_back(static_cast<T>(bias->data_ptr<S>()[at_list(s.O, o)]));
+      for (int64_t o = 0; o < s.O.count; ++o) bias_active.push_back(static_cast<T>(bias->data_ptr<S>()[at_index(s.O, o)]));
     }
     S* yp = y.data_ptr<S>();
     clear_inactive_planes(yp, s.N, s.y_channels, s.out_plane(), s.y_list);
@@ -606,7 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           PatchTaps taps;
           for (size_t i = 0; i < kk_index.size(); ++i) {
             const auto off = mirrored(kk_tap[i]);
-            taps.add(at_list(s.y_list, kk_index[i]), {off[0], off[1], off[2]});
+            taps.add(at_index(s.y_list, kk_index[i]), {off[0], off[1], off[2]});
           }
           run(patch_operand(dy, s, taps, PatchGrid::input));
         }
@@ -652,7 +645,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         // u = s * dy_O B_O over output positions, then dA_S = u^T x_centre,S.
         AlignedBuffer<T> u(M * s.rank + kSlack);
         PatchTaps identity;
-        for (int64_t o = 0; o < s.O.count; ++o) identity.add(at_list(s.y_list, o), {0, 0, 0});
+        for (int64_t o = 0; o < s.O.count; ++o) identity.add(at_index(s.y_list, o), {0, 0, 0});
         PatchOperand<S> dy_positions;
         dy_positions.data = dy;
         dy_positions.g.batch = s.N;
@@ -688,7 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         S* gb = need_b ? grad_b.data_ptr<S>() : nullptr;
         S* gbias = need_bias ? grad_bias.data_ptr<S>() : nullptr;
         auto writer = [&](int64_t o, T* c, int64_t n0, int64_t n1, int) {
-          const int64_t channel = at_list(s.O, o);
+          const int64_t channel = at_index(s.O, o);
           for (int64_t n = n0; n < n1; ++n) {
             if (n < rank_b) {
               gb[channel * s.rank + n] = static_cast<S>(c[n - n0]);
@@ -717,7 +710,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       std::vector<int64_t> kk_index, kk_tap, columns;
       for (int64_t c = 0; c < s.S.count; ++c) {
         for (int64_t t = 0; t < s.taps; ++t) {
-          kk_index.push_back(c), kk_tap.push_back(t), columns.push_back(at_list(s.S, c) * s.taps + t);
+          kk_index.push_back(c), kk_tap.push_back(t), columns.push_back(at_index(s.S, c) * s.taps + t);
         }
       }
       const PatchTaps taps = input_taps(s, kk_index, kk_tap);

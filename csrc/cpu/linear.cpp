@@ -106,11 +106,6 @@ void rank_product(const Operand<S>& activations, const GatherMatrix<S>& factor, 
 
 // ------------------------------------------------------------------ small problems (small_problems.h)
 
-template <typename S>
-const S* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<S>() : nullptr;
-}
-
 // Row m of an activation at its active columns, as T.
 template <typename S, typename T>
 void gather_row(const S* data, int64_t ld, int64_t m, IndexList cols, T* row) {

@@ -24,6 +24,9 @@ struct IndexList {
   int64_t count = 0;
 };
 
+// Entry i of an index list (i itself when the list is all).
+inline int64_t at_index(IndexList list, int64_t i) { return list.ptr ? list.ptr[i] : i; }
+
 // Checks an index list against its dimension (sorted, unique, in range) so a
 // direct call of the op can never read out of bounds.
 inline IndexList index_list(const std::optional<at::Tensor>& idx, int64_t size, const char* name) {

@@ -10,7 +10,10 @@
 // product; tests set it to 0 (engine always) or leave the default.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <atomic>
+#include <optional>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -30,7 +33,11 @@ using small_acc_t = std::conditional_t<std::is_same_v<S, float>, double, acc_t<S
 int64_t small_problem_limit();
 void set_small_problem_limit(int64_t macs);
 
-inline int64_t at_index(IndexList list, int64_t i) { return list.ptr ? list.ptr[i] : i; }
+// An optional operand's data, or null when absent.
+template <typename S>
+const S* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<S>() : nullptr;
+}
 
 // The active block of W (rows O, columns S, `taps` entries per (row, column)),
 // as T, with the adapter added at tap `centre`: s B_O A_S (B: out x r, A: r x in)
