@@ -186,8 +186,6 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   }
 };
 
-namespace {
-
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& lora_a,
                            const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& in_idx, const std::optional<at::Tensor>& out_idx,
@@ -201,6 +199,8 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const 
   return LinearFunction::apply(x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, compact_input,
                                compact_output);
 }
+
+namespace {
 
 // ------------------------------------------------------------------ conv
 
@@ -263,8 +263,6 @@ struct ConvFunction : public torch::autograd::Function<ConvFunction> {
   }
 };
 
-namespace {
-
 at::Tensor conv_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& lora_a,
                          const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& adapter,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_idx,
@@ -278,8 +276,6 @@ at::Tensor conv_autograd(const at::Tensor& x, const at::Tensor& weight, const st
   return ConvFunction::apply(x, weight, lora_a, lora_b, adapter, bias, in_idx, out_idx, stride, padding, dilation,
                              scale, compact_input, compact_output);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(spa_kernels_cpu, m) {
   m.def(

@@ -79,6 +79,10 @@ class Backend:
     capabilities: Capabilities
     kernels: tuple[ModuleType, ...]
     ready: Callable[[str], bool] = _always_ready
+    # autograd_kernel's answers by op: it is asked on every eager call, and a
+    # backend's files do not change once it is registered.
+    _autograd_kernels: dict[str, Callable | None] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def is_available(self, device_type: str, dtype: torch.dtype | None = None) -> bool:
         return self.capabilities.runs(device_type, dtype) and self.ready(device_type)
@@ -99,7 +103,11 @@ class Backend:
         call skips the Python autograd formula; it must compute exactly what the
         op's forward and backward entries compute.
         """
-        return self.kernel(f"{op}_autograd")
+        try:
+            return self._autograd_kernels[op]
+        except KeyError:
+            fn = self._autograd_kernels[op] = self.kernel(f"{op}_autograd")
+            return fn
 
     def implements(self, op: str) -> bool:
         return self.kernel(f"{op}_forward") is not None and self.kernel(f"{op}_backward") is not None
@@ -263,15 +271,21 @@ def resolve(
     groups, unless a readiness test that can change at run time took part
     (the Triton interpreter switch); registering or removing a backend forgets it.
     """
+    # A choice made for this explicit name before: no need to check the name again.
+    if type(backend) is str and backend != "auto" and not torch.compiler.is_compiling():
+        device_type = device.type
+        impl = _CHOICES.get((backend, device_type, dtype, op, groups, AUTO_PREFERENCE.get(device_type)))
+        if impl is not None:
+            return impl
     name = requested(backend)
     if torch.compiler.is_compiling():  # traced once per graph; no dictionary for Dynamo to guard on
         return _choose(name, device.type, dtype, op, groups)
-    preference = AUTO_PREFERENCE.get(device.type, ("reference",))
+    preference = AUTO_PREFERENCE.get(device.type)
     key = (name, device.type, dtype, op, groups, preference)
     impl = _CHOICES.get(key)
     if impl is None:
         impl = _choose(name, device.type, dtype, op, groups)
-        consulted = (name,) if name != "auto" else preference
+        consulted = (name,) if name != "auto" else preference or ("reference",)
         if all(_REGISTRY.get(n) is None or _REGISTRY[n].ready is _always_ready for n in consulted):
             _CHOICES[key] = impl
     return impl

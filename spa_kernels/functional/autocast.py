@@ -16,6 +16,15 @@ from torch import Tensor
 _LOWERED = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def autocast_on(x: object) -> bool:
+    """Whether autocast is on for ``x``'s device (False for a non-tensor, which validation then names).
+
+    The common case, autocast off, asks only this: cheaper than passing every
+    operand through :func:`autocast_operands`.
+    """
+    return isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
+
+
 def autocast_operands(x: Tensor, *operands: Tensor | None) -> tuple[Tensor | None, ...]:
     """``(x, *operands)`` cast to the autocast dtype of ``x``'s device where autocast is on; as they are otherwise."""
     if not isinstance(x, Tensor):  # validation, which comes next, names the bad argument
@@ -30,4 +39,4 @@ def autocast_operands(x: Tensor, *operands: Tensor | None) -> tuple[Tensor | Non
     )
 
 
-__all__ = ["autocast_operands"]
+__all__ = ["autocast_on", "autocast_operands"]

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import ops
 from .._validation import check_splora_conv_args, check_sppara_conv_args
 from ..backend import requested, resolve
-from .autocast import autocast_operands
+from .autocast import autocast_on, autocast_operands
 
 IntOrTuple = int | tuple[int, ...]
 
@@ -48,7 +48,8 @@ def _conv_backend(backend: str | None, x: Tensor, groups: int, op: str) -> str:
 
 def _splora_conv(d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale,
                  backend, compact_input, compact_output, *, trusted=False) -> Tensor:
-    x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
+    if autocast_on(x):
+        x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
     in_idx, out_idx, stride, padding, dilation, groups, scale = check_splora_conv_args(
         d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale,
         trusted=trusted, compact_input=compact_input, compact_output=compact_output,
@@ -60,7 +61,8 @@ def _splora_conv(d, x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, pa
 
 def _sppara_conv(d, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups, backend,
                  compact_input, compact_output, *, trusted=False) -> Tensor:
-    x, weight, adapter, bias = autocast_operands(x, weight, adapter, bias)
+    if autocast_on(x):
+        x, weight, adapter, bias = autocast_operands(x, weight, adapter, bias)
     in_idx, out_idx, stride, padding, dilation, groups = check_sppara_conv_args(
         d, x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups,
         trusted=trusted, compact_input=compact_input, compact_output=compact_output,

@@ -7,7 +7,7 @@ from torch import Tensor
 from .. import ops
 from .._validation import check_compact_flags, check_compact_width, check_splora_linear_args
 from ..backend import resolve
-from .autocast import autocast_operands
+from .autocast import autocast_on, autocast_operands
 
 
 def splora_linear(
@@ -55,7 +55,8 @@ def splora_linear(
         parameters.  Under ``torch.autocast`` the operands are cast to the autocast
         dtype first, as for ``F.linear``.
     """
-    x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
+    if autocast_on(x):
+        x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
     in_idx, out_idx, scale = check_splora_linear_args(
         x, weight, lora_a, lora_b, bias, in_idx, out_idx, scale, compact_input, compact_output
     )
@@ -85,16 +86,18 @@ def splora_linear_trusted(
     still the caller's responsibility to keep consistent.  ``lora_a`` and
     ``lora_b`` may also come as modules hold them, ``(1, r, in)`` and ``(1, out, r)``.
     """
-    x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
+    if autocast_on(x):
+        x, weight, lora_a, lora_b, bias = autocast_operands(x, weight, lora_a, lora_b, bias)
     if compact_input or compact_output:
         check_compact_flags(compact_input, compact_output)
-    if compact_input:
-        check_compact_width(x, -1, in_idx, weight.shape[1])
-    elif x.shape[-1] != weight.shape[1]:
+        if compact_input:
+            check_compact_width(x, -1, in_idx, weight.shape[1])
+    if not compact_input and x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects {weight.shape[1]}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}")
-    impl = resolve(backend, x.device, x.dtype, "splora_linear")
+    dtype = x.dtype
+    if dtype is not weight.dtype:
+        raise TypeError(f"x has dtype {dtype} but weight has {weight.dtype}")
+    impl = resolve(backend, x.device, dtype, "splora_linear")
     return ops.call(
         ops.splora_linear, x, weight, lora_a, lora_b, bias, in_idx, out_idx, float(scale), impl.name, compact_input,
         compact_output,

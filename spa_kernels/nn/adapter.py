@@ -67,7 +67,11 @@ class LowRankAdapter(nn.Module):
         Not ``rows[0]``: a view per call would add an autograd node per factor to
         every training step, which the op layer does without.
         """
-        return held_tensor(self, "rows"), held_tensor(self, "cols")
+        params = self._parameters
+        rows, cols = params.get("rows"), params.get("cols")
+        if rows is None or cols is None:  # held elsewhere (a parametrization): the ordinary lookup
+            return held_tensor(self, "rows"), held_tensor(self, "cols")
+        return rows, cols
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.rows, a=math.sqrt(5))

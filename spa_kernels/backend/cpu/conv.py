@@ -7,6 +7,8 @@ exclude grouped convolutions, and the op layer checks them before calling.
 Compact activations are native: the flags go straight to the C++ ops.
 The ``*_autograd`` entries are the op whole, forward and backward kernels joined
 by an autograd written in C++ (``torch.ops.spa_kernels_cpu.conv``), for eager calls.
+They call the extension's binding of that op (``_C.conv``), the same C++ function
+without the dispatcher's parsing of its arguments against the schema.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ... import _extension
 from .. import check_groups
 
 
@@ -58,7 +61,7 @@ def sppara_conv_backward(grad_out, x, weight, adapter, in_idx, out_idx, stride, 
 def splora_conv_autograd(x, weight, lora_a, lora_b, bias, in_idx, out_idx, stride, padding, dilation, groups, scale,
                          compact_input=False, compact_output=False) -> Tensor:
     check_groups("cpu", groups)
-    return torch.ops.spa_kernels_cpu.conv(
+    return _extension.extension.conv(
         x, weight, lora_a, lora_b, None, bias, in_idx, out_idx, stride, padding, dilation, scale, compact_input,
         compact_output,
     )
@@ -67,7 +70,7 @@ def splora_conv_autograd(x, weight, lora_a, lora_b, bias, in_idx, out_idx, strid
 def sppara_conv_autograd(x, weight, adapter, bias, in_idx, out_idx, stride, padding, dilation, groups,
                          compact_input=False, compact_output=False) -> Tensor:
     check_groups("cpu", groups)
-    return torch.ops.spa_kernels_cpu.conv(
+    return _extension.extension.conv(
         x, weight, None, None, adapter, bias, in_idx, out_idx, stride, padding, dilation, 1.0, compact_input,
         compact_output,
     )
