@@ -262,6 +262,9 @@ struct ChannelRows {
 //   by_input = true:  logical (c, kk) = W[out[kk_index], in[c], tap]  (input gradient)
 template <typename S>
 struct TapWeights {
+  // Depth entries packed lane by lane at a time (see pack).
+  static constexpr int64_t kDepthChunk = 128;
+
   const S* w = nullptr;
   int64_t in_channels = 0, taps = 0, centre = 0;
   const int64_t* out_idx = nullptr;  // null: identity
@@ -273,8 +276,7 @@ struct TapWeights {
   int64_t depth = 0;
 
   // The weight offset of element (lane, kk) splits into a part of the lane and
-  // a part of the depth entry, so both are worked out once per panel and the
-  // copy walks the depth with contiguous stores.
+  // a part of the depth entry, so both are worked out once per panel.
   template <typename T>
   void pack(int64_t i0, int64_t ni, int64_t k0, int64_t kc, int lanes, T* dst) const {
     TORCH_CHECK(ni <= lanes, "TapWeights packs one micro-panel at a time");
@@ -294,18 +296,28 @@ struct TapWeights {
       // P's offset at the centre tap, -1 elsewhere.
       depth_p[j] = centre_add && tap == centre ? (by_input ? out_channel(list) * in_channels : in_channel(list)) : -1;
     }
-    for (int64_t j = 0; j < kc; ++j) {
-      T* out = dst + j * lanes;
-      const S* w_kk = w + depth_w[j];
-      if (depth_p[j] < 0) {
-        for (int64_t i = 0; i < ni; ++i) out[i] = static_cast<T>(w_kk[lane_w[i]]);
-      } else {
-        const S* p_kk = centre_add + depth_p[j];
-        for (int64_t i = 0; i < ni; ++i) {
-          out[i] = static_cast<T>(w_kk[lane_w[i]]) + static_cast<T>(p_kk[lane_p[i]]);
+    // Lane by lane within chunks of depth: each lane's weight row is read in
+    // runs of kDepthChunk entries (a run of cache lines the hardware prefetcher
+    // follows), while the chunk of the panel being written stays in L1.  Depth
+    // entry by depth entry, the lanes' rows would be as many interleaved
+    // streams, more than the prefetchers follow, and every line would wait on
+    // memory (a ResNet's last stage: M small, the weight the whole cost).
+    for (int64_t j0 = 0; j0 < kc; j0 += kDepthChunk) {
+      const int64_t j1 = std::min(kc, j0 + kDepthChunk);
+      for (int64_t i = 0; i < ni; ++i) {
+        const S* w_lane = w + lane_w[i];
+        T* out = dst + i;
+        for (int64_t j = j0; j < j1; ++j) out[j * lanes] = static_cast<T>(w_lane[depth_w[j]]);
+        if (centre_add) {
+          const S* p_lane = centre_add + lane_p[i];
+          for (int64_t j = j0; j < j1; ++j) {
+            if (depth_p[j] >= 0) out[j * lanes] += static_cast<T>(p_lane[depth_p[j]]);
+          }
         }
       }
-      for (int64_t i = ni; i < lanes; ++i) out[i] = T(0);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = ni; i < lanes; ++i) dst[j * lanes + i] = T(0);
+      }
     }
   }
 };
