@@ -17,8 +17,10 @@
 // densely (no cleared planes).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <tuple>
 #include <type_traits>
@@ -416,6 +418,28 @@ at::Tensor gather(const at::Tensor& t, int64_t dim, IndexList list) {
   return list.ptr ? t.index_select(dim, index_tensor(list)) : t;
 }
 
+// W_OS: the active block of a (C_out, C_in, taps...) weight as a contiguous
+// (|O|, |S|, taps...) tensor, in one pass (two index_selects would write the
+// |O| x C_in intermediate too).
+at::Tensor active_weight_block(const at::Tensor& weight, IndexList O, IndexList S_) {
+  std::vector<int64_t> sizes(weight.sizes().begin(), weight.sizes().end());
+  sizes[0] = O.count, sizes[1] = S_.count;
+  at::Tensor block = at::empty(sizes, weight.options());
+  const int64_t in = weight.size(1), taps = weight[0][0].numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "active_weight_block", [&] {
+    const scalar_t* src = weight.data_ptr<scalar_t>();
+    scalar_t* dst = block.data_ptr<scalar_t>();
+    at::parallel_for(0, O.count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) {
+        const scalar_t* row = src + at_index(O, o) * in * taps;
+        scalar_t* out = dst + o * S_.count * taps;
+        for (int64_t k = 0; k < S_.count; ++k) std::copy_n(row + at_index(S_, k) * taps, taps, out + k * taps);
+      }
+    });
+  });
+  return block;
+}
+
 // `active` placed at `list` along `dim` of a zero tensor `width` long there.
 at::Tensor spread(const at::Tensor& active, int64_t dim, IndexList list, int64_t width) {
   if (!list.ptr) return active.contiguous();
@@ -440,37 +464,32 @@ at::Tensor centre_taps_view(const at::Tensor& x, const ConvShapes& s) {
   return v.reshape({s.N, s.S.count, s.out_plane()});
 }
 
-// The memory format oneDNN's convolutions run fastest in on the CPU.
-at::MemoryFormat channels_last_format(int64_t dim) {
-  return dim == 4 ? at::MemoryFormat::ChannelsLast
-                  : dim == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
-}
-
 // dx_S of a strided convolution wider than 1x1, by oneDNN's convolution
-// backward on W_OS with the adapter merged at the centre tap, channels-last.
-// Over the input grid, our GEMM would multiply the taps that fall between
-// strides as zeros (3/4 of the work at stride 2); oneDNN splits the
-// transposed convolution by stride phase instead.  The copy is the active
-// weight block, |O| x |S| x taps, built per call (nothing cached across calls).
+// backward on W_OS with the adapter merged at the centre tap.  Over the input
+// grid, our GEMM would multiply the taps that fall between strides as zeros
+// (3/4 of the work at stride 2); oneDNN splits the transposed convolution by
+// stride phase instead.  The copy is the active weight block, |O| x |S| x
+// taps, built per call (nothing cached across calls).  Everything stays in the
+// layout it comes in (contiguous): converting dy, the weight block and dx to
+// channels-last and back cost more than oneDNN gained from it on ResNet-50's
+// small maps.
 at::Tensor strided_input_gradient(const at::Tensor& grad_out, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
                                   const std::optional<at::Tensor>& adapter, const ConvShapes& s,
                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                   double scale) {
-  at::Tensor w = gather(gather(weight, 0, s.O), 1, s.S);
-  w = w.is_same(weight) ? weight.clone() : w.contiguous();
+  at::Tensor w = active_weight_block(weight.contiguous(), s.O, s.S);
   at::Tensor centre = w.view({s.O.count, s.S.count, s.taps}).select(2, s.centre);
   if (s.rank > 0) centre.add_(at::matmul(gather(*lora_b, 0, s.O), gather(*lora_a, 1, s.S)), scale);
   if (present(adapter)) centre.add_(gather(gather(*adapter, 0, s.O), 1, s.S));
-  const at::MemoryFormat format = channels_last_format(weight.dim());
-  const at::Tensor dy = gather(grad_out, 1, s.y_list).contiguous(format);
+  const at::Tensor dy = gather(grad_out, 1, s.y_list).contiguous();
   std::vector<int64_t> x_sizes{s.N, s.S.count};
   for (int64_t i = 2; i < weight.dim(); ++i) x_sizes.push_back(s.in[3 - (weight.dim() - 2) + (i - 2)]);
   // Only its shape is read: the input gradient does not depend on x.
-  const at::Tensor x_shape = at::empty(x_sizes, grad_out.options().memory_format(format));
+  const at::Tensor x_shape = at::empty(x_sizes, grad_out.options());
   const std::vector<int64_t> no_output_padding(stride.size(), 0);
-  return std::get<0>(at::convolution_backward(dy, x_shape, w.contiguous(format), std::nullopt, stride, padding,
-                                              dilation, false, no_output_padding, 1, {true, false, false}));
+  return std::get<0>(at::convolution_backward(dy, x_shape, w, std::nullopt, stride, padding, dilation, false,
+                                              no_output_padding, 1, {true, false, false}));
 }
 
 }  // namespace
