@@ -7,6 +7,7 @@
 #include <omp.h>
 #include <torch/extension.h>
 
+#include "call_checks.h"
 #include "index_bounds.h"
 #include "isa.h"
 #include "kernels.h"
@@ -42,6 +43,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("weight"), py::arg("lora_a"), py::arg("lora_b"), py::arg("adapter"), py::arg("bias"),
       py::arg("in_idx"), py::arg("out_idx"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("scale"), py::arg("compact_input") = false, py::arg("compact_output") = false);
+  m.def("conv_call_is_valid", &spa_kernels::cpu::conv_call_is_valid,
+        "_validation._module_conv_call_is_valid in C++: whether a module's convolution call is certainly valid.");
   m.def("index_bounds", &spa_kernels::cpu::index_bounds,
         "(smallest, largest, strictly increasing) of a non-empty 1-D int32/int64 CPU tensor.");
 }

@@ -154,10 +154,6 @@ class AdaptedConvNd(ChannelMasked):
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         return input, unbatched
 
-    def _conv_args(self) -> dict:
-        return {"stride": self.stride, "padding": self._kernel_padding(), "dilation": self.dilation,
-                "groups": self.groups, "backend": self.backend}
-
     # ------------------------------------------------------------------ conversion
 
     @classmethod

@@ -126,10 +126,6 @@ class ChannelMasked(nn.Module):
                 self.out_mask.copy_(out_mask)
         self._rebuild_indices()
 
-    def _compact_flags(self) -> dict[str, bool]:
-        """The compact keywords of the functional op, as this layer runs now."""
-        return {"compact_input": self.compact_input, "compact_output": self.compact_output}
-
     def _apply(self, fn, recurse: bool = True):
         module = super()._apply(fn, recurse)
         self._rebuild_indices()  # the index lists follow the masks' device (they are not buffers)

@@ -105,9 +105,13 @@ class _SPLoRAConvNd(AdaptedConvNd):
 
     def forward(self, input: Tensor) -> Tensor:
         x, unbatched = self._prepare_input(input)
+        lora_a, lora_b = self._modules["adapter"].factors()
+        # Keywords spelled out rather than unpacked from dicts built per call: a small layer's call is µs.
         y = functional.splora_conv_trusted(
-            x, held_tensor(self, "weight"), *self._modules["adapter"].factors(), held_tensor(self, "bias"),
-            self.in_idx, self.out_idx, scale=self.scale, **self._conv_args(), **self._compact_flags(),
+            x, held_tensor(self, "weight"), lora_a, lora_b, held_tensor(self, "bias"), self.in_idx, self.out_idx,
+            stride=self.stride, padding=self._kernel_padding(), dilation=self.dilation, groups=self.groups,
+            scale=self.scale, backend=self.backend, compact_input=self.compact_input,
+            compact_output=self.compact_output,
         )
         return y.squeeze(0) if unbatched else y
 

@@ -96,8 +96,9 @@ class _SPPaRAConvNd(AdaptedConvNd):
         x, unbatched = self._prepare_input(input)
         y = functional.sppara_conv_trusted(
             x, held_tensor(self, "weight"), held_tensor(self, "adapter"), held_tensor(self, "bias"), self.in_idx,
-            self.out_idx, **self._conv_args(),
-            **self._compact_flags(),
+            self.out_idx, stride=self.stride, padding=self._kernel_padding(), dilation=self.dilation,
+            groups=self.groups, backend=self.backend, compact_input=self.compact_input,
+            compact_output=self.compact_output,
         )
         return y.squeeze(0) if unbatched else y
 

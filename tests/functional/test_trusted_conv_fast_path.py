@@ -4,7 +4,8 @@
 checks can be skipped.  Every call it accepts must pass the general checks with
 the same normalised result, it must accept what the modules pass, and every
 variation away from that (each a bad or merely unusual call) must go down the
-general path, which raises the usual error naming the argument.
+general path, which raises the usual error naming the argument.  Every test runs
+both forms of the check: the extension's (C++) and the Python one.
 """
 
 from __future__ import annotations
@@ -12,11 +13,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spa_kernels import _validation
+from spa_kernels import _extension, _validation
 from spa_kernels.functional import splora_conv_trusted, sppara_conv_trusted
 from spa_kernels.nn import SPLoRAConv2d, SPPaRAConv2d
 
 N, C_IN, C_OUT, RANK, SIZE = 2, 6, 5, 3, 5
+
+
+@pytest.fixture(autouse=True, params=["extension", "python"])
+def check_form(request, monkeypatch):
+    """Runs each test with the C++ form of the check, and again with the Python form."""
+    if request.param == "extension" and _validation._conv_call_is_valid is None:
+        pytest.skip(f"the extension is not built: {_extension.BUILD_ERROR}")
+    if request.param == "python":
+        monkeypatch.setattr(_validation, "_conv_call_is_valid", None)
+    return request.param
 
 
 def _splora_call(**change) -> dict:
@@ -59,6 +70,10 @@ VARIATIONS = {
     "padding-same": {"padding": "same"},
     "stride-list": {"stride": [1, 1]},
     "stride-int": {"stride": 1},
+    "stride-bool": {"stride": (True, 1)},
+    "stride-too-long": {"stride": (1, 1, 1)},
+    "dilation-float": {"dilation": (1.0, 1)},
+    "bias-not-a-tensor": {"bias": [0.0] * C_OUT},
     "groups-2": {"groups": 2, "weight": torch.randn(C_OUT + 1, C_IN // 2, 3, 3),
                  "lora_b": torch.randn(C_OUT + 1, RANK), "lora_a": torch.randn(RANK, C_IN // 2),
                  "bias": torch.randn(C_OUT + 1)},
